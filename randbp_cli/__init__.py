@@ -1,0 +1,22 @@
+"""randbp: memory-efficient backpropagation through large linear layers (arXiv 2201.13195).
+
+Library:
+    from randbp_cli import RandomizedLinear, convert, restore
+    model = convert(model, rho=0.1, sketch="countsketch")   # every nn.Linear, same Parameters
+    ...train as usual...
+    model = restore(model)                                  # back to plain nn.Linear
+"""
+
+from .convert import convert, converted_names, describe_conversion, restore, select_linears
+from .errors import ConfigError, RandbpError
+from .layers import RandomizedLinear, RandomizedLinearFunction, randomized_linear
+from .memory import SavedTensorCounter, count_saved_bytes
+from .sketches import Sketch, get_sketch, sketch_names, sketch_rows
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "RandbpError", "RandomizedLinear", "RandomizedLinearFunction", "SavedTensorCounter",
+    "Sketch", "convert", "converted_names", "count_saved_bytes", "describe_conversion", "get_sketch",
+    "randomized_linear", "restore", "select_linears", "sketch_names", "sketch_rows", "__version__",
+]

@@ -1,0 +1,44 @@
+"""The errors randbp raises for things a user can fix.
+
+The library never prints and never exits; it raises one of these with a message that names
+the setting, the value it saw and what to do instead. Only `cli.py` turns them into a single
+line on stderr and an exit code (`exit_code`: 2 for usage mistakes, 1 for runtime failures).
+"""
+
+from __future__ import annotations
+
+
+class RandbpError(Exception):
+    """Base class: a problem the user can fix. `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(RandbpError, ValueError):
+    """A bad argument or option value (exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(RandbpError):
+    """A model that is neither a built-in name, a local directory, nor reachable on the Hub."""
+
+    exit_code = 2
+
+
+class DeviceError(RandbpError):
+    """The requested device does not exist on this machine (exit code 2)."""
+
+    exit_code = 2
+
+
+class OutputError(RandbpError):
+    """A report could not be written where asked (exit code 2)."""
+
+    exit_code = 2
+
+
+class ReportWriteError(RandbpError):
+    """Writing a report failed at the end of a run (disk full, I/O error): exit code 1."""
+
+    exit_code = 1

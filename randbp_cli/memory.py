@@ -1,0 +1,330 @@
+"""Measuring memory and time: saved-tensor bytes, CUDA allocator phases, NVML, step time.
+
+`SavedTensorCounter` is the exact, device-independent number: every tensor autograd saves
+for backward during a forward pass passes through `torch.autograd.graph.saved_tensors_hooks`;
+we count each underlying storage once (keyed by its data pointer: a view and its base, or
+the same tensor saved by Q, K and V, cost one storage), and skip storages that belong to the
+model's parameters and buffers or to the model inputs (METHOD §4.6). The counter attributes
+each storage to the innermost module running when it was first saved, and sorts it into:
+
+  linear_inputs         saved only by exact nn.Linear layers: what sketching can shrink
+  linear_inputs_shared  saved by an nn.Linear *and* by another op, so it stays alive anyway
+  sketches              saved by RandomizedLinear layers (sketches, indices)
+  weight_copies         low-precision weight copies a linear layer saved under autocast
+  other                 everything else (attention, activations, norms, dropout masks ...)
+
+The other measurements (CUDA allocator, NVML sampling, wall-clock steps) depend on the
+device and are reported beside it, never instead of it.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .layers import RandomizedLinear
+
+KINDS = ("linear_inputs", "linear_inputs_shared", "sketches", "weight_copies", "other")
+
+
+def _storage_key(t: Tensor) -> tuple[str, int, int] | None:
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
+        return None
+    return (t.device.type, t.device.index or 0, storage.data_ptr())
+
+
+def _storage_bytes(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return t.numel() * t.element_size()
+
+
+def fold_layer_indices(name: str) -> str:
+    """`roberta.encoder.layer.7.attention` -> `roberta.encoder.layer.*.attention`."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+@dataclass
+class SavedTensorStats:
+    """What one forward pass saved for backward."""
+
+    total_bytes: int = 0
+    by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    by_module: dict[str, int] = field(default_factory=dict)
+    storages: int = 0
+
+    def by_module_folded(self) -> dict[str, int]:
+        folded: dict[str, int] = defaultdict(int)
+        for name, nbytes in self.by_module.items():
+            folded[fold_layer_indices(name)] += nbytes
+        return dict(sorted(folded.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass
+class _Storage:
+    nbytes: int
+    module: str
+    savers: set[str]
+
+
+class SavedTensorCounter:
+    """Count the bytes autograd saves for backward inside the `with` block.
+
+        with SavedTensorCounter(model, exclude=[input_ids, mask]) as counter:
+            loss = model(input_ids, attention_mask=mask).loss
+        stats = counter.stats()
+
+    The hooks only observe: tensors are returned unchanged, so the run is unaffected.
+    """
+
+    def __init__(self, model: nn.Module | None = None, exclude: Iterable[Tensor] = ()) -> None:
+        self.model = model
+        self._excluded: set = set()
+        for t in exclude:
+            if isinstance(t, Tensor):
+                self._excluded.add(_storage_key(t))
+        if model is not None:
+            for t in (*model.parameters(), *model.buffers()):
+                self._excluded.add(_storage_key(t))
+        self._storages: dict = {}
+        self._stack: list[tuple[str, nn.Module]] = []
+        self._handles: list = []
+        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    # -- module stack: which module is running when a tensor is saved
+    def _enter(self, name: str):
+        def hook(module, args):
+            self._stack.append((name, module))
+        return hook
+
+    def _leave(self, module, args, output):
+        if self._stack and self._stack[-1][1] is module:
+            self._stack.pop()
+
+    def __enter__(self) -> "SavedTensorCounter":
+        if self.model is not None:
+            for name, module in self.model.named_modules():
+                self._handles.append(module.register_forward_pre_hook(self._enter(name)))
+                self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+        self._hooks_ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks_ctx.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stack.clear()
+
+    def _saver(self, t: Tensor) -> str:
+        module = self._stack[-1][1] if self._stack else None
+        if not isinstance(module, nn.Linear):
+            return "other"
+        w = module.weight
+        if t.dtype != w.dtype and t.dim() == 2 and t.shape in (w.shape, w.T.shape):
+            return "weight_copy"  # autocast's half-precision copy of the weight
+        return "sketch" if isinstance(module, RandomizedLinear) else "linear"
+
+    def _pack(self, t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key is None:
+            key = ("untracked", id(t), 0)
+        if key in self._excluded:
+            return t
+        nbytes = _storage_bytes(t)
+        if nbytes == 0:
+            return t
+        saver = self._saver(t)
+        entry = self._storages.get(key)
+        if entry is None:
+            module = self._stack[-1][0] if self._stack else ""
+            self._storages[key] = _Storage(nbytes, module, {saver})
+        else:
+            entry.savers.add(saver)
+        return t
+
+    def stats(self) -> SavedTensorStats:
+        stats = SavedTensorStats()
+        by_module: dict[str, int] = defaultdict(int)
+        for entry in self._storages.values():
+            savers = entry.savers
+            if savers == {"linear"}:
+                kind = "linear_inputs"
+            elif "linear" in savers:
+                kind = "linear_inputs_shared"
+            elif savers == {"sketch"}:
+                kind = "sketches"
+            elif savers == {"weight_copy"}:
+                kind = "weight_copies"
+            else:
+                kind = "other"
+            stats.by_kind[kind] += entry.nbytes
+            stats.total_bytes += entry.nbytes
+            by_module[entry.module or "(outside modules)"] += entry.nbytes
+        stats.by_module = dict(by_module)
+        stats.storages = len(self._storages)
+        return stats
+
+
+def count_saved_bytes(fn: Callable[[], object], model: nn.Module | None = None,
+                      exclude: Iterable[Tensor] = ()) -> tuple[object, SavedTensorStats]:
+    """Run `fn()` (a forward pass) under a SavedTensorCounter; return its result and stats."""
+    with SavedTensorCounter(model, exclude) as counter:
+        result = fn()
+    return result, counter.stats()
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of `fn()`, synchronised before and after on GPU."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def summarize_times(samples: list[float]) -> dict:
+    if not samples:
+        return {"median": None, "min": None, "max": None, "samples": []}
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "samples": samples}
+
+
+# ---------------------------------------------------------------------------- CUDA allocator
+
+
+def cuda_step_memory(forward: Callable[[], Tensor], backward_and_step: Callable[[Tensor], None],
+                     device: torch.device) -> dict:
+    """Allocator phases of one training step, measured after a warm-up step.
+
+    resting: what is allocated between steps (weights, gradients if kept, optimizer state);
+    forward_growth: allocation growth across the forward pass (activations kept for backward
+    plus the loss); peak / peak_reserved: the allocator's high-water marks during the step;
+    step_peak: peak minus resting, the step's own working memory.
+    """
+    synchronize(device)
+    resting = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    loss = forward()
+    synchronize(device)
+    after_forward = torch.cuda.memory_allocated(device)
+    backward_and_step(loss)
+    del loss
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {
+        "resting_allocated_bytes": resting,
+        "forward_growth_bytes": after_forward - resting,
+        "peak_allocated_bytes": peak,
+        "step_peak_bytes": peak - resting,
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+    }
+
+
+# ---------------------------------------------------------------------------- NVML
+
+
+def _nvml():
+    import pynvml  # nvidia-ml-py
+
+    pynvml.nvmlInit()
+    return pynvml
+
+
+def _nvml_handle(pynvml, device: torch.device):
+    """NVML numbers devices differently from CUDA when CUDA_VISIBLE_DEVICES is set: go by UUID."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    except Exception:  # noqa: BLE001 - older drivers or MIG: fall back to the index
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def nvml_info(device: torch.device) -> dict:
+    """Device name, driver and total memory from NVML, or available=false with the reason."""
+    try:
+        pynvml = _nvml()
+        handle = _nvml_handle(pynvml, device)
+        return {
+            "available": True,
+            "device_name": _text(pynvml.nvmlDeviceGetName(handle)),
+            "driver_version": _text(pynvml.nvmlSystemGetDriverVersion()),
+            "total_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+        }
+    except Exception as err:  # noqa: BLE001 - no library, no driver, no device: say why
+        return {"available": False, "reason": f"{type(err).__name__}: {err}".strip()}
+
+
+class NvmlSampler:
+    """Samples the device's used memory from a background thread; reports the peak.
+
+        with NvmlSampler(device) as sampler:
+            run_steps()
+        sampler.result()  # {"available": true, "peak_used_bytes": ..., ...} or available=false
+
+    NVML's 'used' is the whole device, as nvidia-smi shows it: other processes and the CUDA
+    context included. `baseline_used_bytes` is read just before sampling starts.
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._peak = 0
+        self._samples = 0
+        self._baseline = 0
+        self._info: dict = {}
+
+    def __enter__(self) -> "NvmlSampler":
+        self._info = nvml_info(self.device) if self.device.type == "cuda" else {
+            "available": False, "reason": f"device is {self.device.type}, not cuda"}
+        if self._info["available"]:
+            pynvml = _nvml()
+            handle = _nvml_handle(pynvml, self.device)
+            self._baseline = self._peak = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            self._thread = threading.Thread(target=self._run, args=(pynvml, handle), daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self, pynvml, handle) -> None:
+        while not self._stop.is_set():
+            used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            self._peak = max(self._peak, used)
+            self._samples += 1
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> dict:
+        if not self._info.get("available"):
+            return dict(self._info)
+        return {**self._info, "peak_used_bytes": self._peak, "baseline_used_bytes": self._baseline,
+                "samples": self._samples, "interval_s": self.interval_s}

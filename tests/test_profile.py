@@ -1,0 +1,155 @@
+"""`randbp profile`: the library call and the CLI, happy paths and every bad input."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from randbp_cli.cli import app
+from randbp_cli.profiling import ProfileConfig, run_profile
+
+runner = CliRunner()
+TINY = ["--model", "roberta-tiny", "--seq-len", "16", "--steps", "1", "--warmup", "0"]
+
+
+def _invoke(args):
+    return runner.invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    config = ProfileConfig(model="roberta-tiny", rhos=[0.5, 0.1], sketches=["gaussian", "countsketch"],
+                           batch_sizes=[2, 4], seq_len=16, steps=2, warmup=1, device="cpu")
+    return run_profile(config)
+
+
+def test_report_schema_and_cases(tiny_report):
+    report = tiny_report
+    assert report["schema"] == "randbp.profile/1"
+    assert report["model"]["weights"] == "random-init" and report["model"]["source"] == "builtin-config"
+    env = report["environment"]
+    for key in ("randbp", "torch", "transformers", "python", "cpu_count", "device_name", "nvml"):
+        assert key in env
+    assert env["nvml"]["available"] in (True, False)
+    results = report["results"]
+    assert len(results) == 2 * (1 + 2 * 2)
+    keys = [(r["method"], r["rho"], r["sketch"], r["batch_size"]) for r in results]
+    assert ("exact", None, None, 2) in keys and ("randomized", 0.1, "countsketch", 4) in keys
+    for r in results:
+        assert r["seq_len"] == 16 and r["dtype"] == "float32" and r["device"] == "cpu"
+        assert r["activation_bytes"] == sum(r["activation_bytes_by_kind"].values())
+        assert set(r["step_time_s"]) >= {"median", "min", "max"} and len(r["step_time_s"]["samples"]) == 2
+        assert r["cuda"] is None and r["nvml"] is None  # not measured on CPU
+
+
+def test_savings_follow_rho_and_meet_the_limit(tiny_report):
+    for r in tiny_report["results"]:
+        if r["method"] == "exact":
+            assert r["activation_saving_vs_exact"] == 0 and r["time_ratio_vs_exact"] == 1
+            assert r["activation_bytes_by_kind"]["linear_inputs"] > 0
+            continue
+        assert r["randomized_layers"] == 14  # 2 layers × 6 linear + the 2 in the head
+        assert r["activation_bytes_by_kind"]["linear_inputs"] == 0
+        assert r["activation_bytes"] == pytest.approx(r["activation_limit_bytes"], rel=0.01)
+    by_rho = {(r["rho"], r["batch_size"]): r["activation_bytes"] for r in tiny_report["results"]
+              if r["sketch"] == "gaussian"}
+    assert by_rho[(0.1, 4)] < by_rho[(0.5, 4)]
+
+
+def test_same_sketch_bytes_for_every_data_independent_sketch(tiny_report):
+    sizes = {}
+    for r in tiny_report["results"]:
+        if r["method"] == "randomized":
+            sizes.setdefault((r["rho"], r["batch_size"]), set()).add(r["activation_bytes"])
+    assert all(len(v) == 1 for v in sizes.values())
+
+
+def test_cli_json_and_output_file(tmp_path):
+    out = tmp_path / "report.json"
+    result = _invoke(["profile", *TINY, "--rho", "0.5", "--sketch", "countsketch", "-b", "2", "--json",
+                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # only JSON on stdout
+    assert report == json.loads(out.read_text())
+    assert report["command"].startswith("randbp ")
+    assert [r["method"] for r in report["results"]] == ["exact", "randomized"]
+    assert list(tmp_path.iterdir()) == [out]  # no temp files left behind
+
+
+def test_cli_table():
+    result = _invoke(["profile", *TINY, "--rho", "0.5", "-b", "2"])
+    assert result.exit_code == 0, result.output
+    assert "randomized" in result.stdout and "activations MiB" in result.stdout
+    assert "random-init" in result.stdout
+
+
+def test_cli_isolate(tmp_path):
+    result = _invoke(["profile", *TINY, "--rho", "0.5", "-b", "2", "--isolate", "--json"])
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.stdout)["results"]
+    assert results[1]["activation_saving_vs_exact"] > 0
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["--rho", "0"], 2, "rho must be in (0, 1]"),
+    (["--rho", "1.5"], 2, "rho must be in (0, 1]"),
+    (["--rho", "abc"], 2, "--rho"),
+    (["-b", "0"], 2, "--batch-size"),
+    (["--seq-len", "0"], 2, "--seq-len"),
+    (["--seq-len", "4096"], 2, "positions"),
+    (["--sketch", "dft"], 2, "unknown sketch"),
+    (["--model", "no-such-org/no-such-model"], 2, "unknown model"),
+    (["--dtype", "int8"], 2, "unknown dtype"),
+    (["--steps", "0"], 2, "--steps"),
+    (["--include", "nothing_matches"], 2, "matches no nn.Linear"),
+    (["--device", "tpu"], 2, "device"),
+])
+def test_cli_bad_input_one_line_no_traceback(args, code, needle):
+    base = ["profile", "--model", "roberta-tiny", "--steps", "1", "--warmup", "0", "--seq-len", "8"]
+    result = _invoke(base + args)
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cli_cuda_without_cuda():
+    result = _invoke(["profile", *TINY, "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "CUDA is not available" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("target", ["missing-dir/report.json", "."])
+def test_cli_unwritable_output_fails_before_running(tmp_path, target):
+    path = tmp_path / target
+    result = _invoke(["profile", *TINY, "-o", str(path)])
+    assert result.exit_code == 2
+    assert "cannot write" in result.stderr or "is a directory" in result.stderr
+    assert not (tmp_path / "missing-dir").exists()
+
+
+def test_cli_read_only_directory(tmp_path):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        result = _invoke(["profile", *TINY, "-o", str(locked / "r.json")])
+        assert result.exit_code == 2 and "permission denied" in result.stderr
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "randbp_cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("randbp ")
