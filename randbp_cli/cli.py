@@ -82,10 +82,13 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 def _quiet_libraries() -> None:
     """Keep third-party chatter (weight-init warnings, download bars) off our stderr."""
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 def _command_line() -> str:
@@ -95,7 +98,7 @@ def _command_line() -> str:
 @contextmanager
 def _progress(total: int, enabled: bool = True):
     """A rich progress bar on stderr; yields the library's `progress(description, done)` callback."""
-    if not enabled:
+    if not enabled or not err_console.is_terminal:  # no bars in logs and pipes
         yield None
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -164,6 +167,131 @@ def profile(
         out_console.print(profile_table(report))
         if output is not None:
             err_console.print(f"report written to {output}")
+
+
+def _split_columns(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+@app.command()
+def finetune(
+    task: Annotated[str, typer.Option(help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) "
+                                           "or 'synthetic' (offline, generated from --seed).")] = "mrpc",
+    model: Annotated[Optional[str], typer.Option(help="Built-in architecture, hub id, checkpoint directory, or "
+                                                      "a directory with only config.json. [default: roberta-base; "
+                                                      "roberta-tiny for --task synthetic]")] = None,
+    rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Randomize every linear layer at this "
+                                                       "compression rate; repeat for several runs. Without it: "
+                                                       "exact training.")] = None,
+    compare: Annotated[bool, typer.Option(help="Add an exact run beside the --rho runs (same data, same seed).")] = False,
+    sketch: Annotated[str, typer.Option(help=f"Sketch: {', '.join(sketch_names())}.")] = "gaussian",
+    include: Annotated[Optional[list[str]], typer.Option(help="Only randomize layers matching this pattern.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Never randomize layers matching this pattern.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: the task's, 10 for GLUE]")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Per-step batch size. "
+                                                      "[default: the task's, 16 or 32]")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size. [default: 2 × batch]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: the task's]")] = None,
+    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens.")] = 512,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data order, dropout and sketches.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Model dtype: float32, bfloat16, float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    data_dir: Annotated[Optional[Path], typer.Option(help="GLUE TSV files as distributed (DIR/MRPC/train.tsv), "
+                                                          "or train/validation .csv/.jsonl/.parquet.")] = None,
+    train_file: Annotated[Optional[Path], typer.Option(help="Your own training file (.csv/.tsv/.jsonl/.parquet).")] = None,
+    validation_file: Annotated[Optional[Path], typer.Option(help="Your own evaluation file.")] = None,
+    text_columns: Annotated[Optional[str], typer.Option(help="With --train-file: one or two text columns, "
+                                                             "comma-separated.")] = None,
+    label_column: Annotated[str, typer.Option(help="With --train-file: the label column.")] = "label",
+    max_train_samples: Annotated[Optional[int], typer.Option(help="Use only the first N training examples.")] = None,
+    max_eval_samples: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation examples.")] = None,
+    offline: Annotated[bool, typer.Option(help="Never contact the Hugging Face Hub.")] = False,
+    save_model: Annotated[Optional[Path], typer.Option(help="Write the fine-tuned model (safetensors) here.")] = None,
+    json_output: JsonOption = False,
+    output: OutputOption = None,
+) -> None:
+    """Fine-tune with randomized backprop (and exactly, with --compare): accuracy, memory, time."""
+    from .report import check_writable, epoch_table, finetune_table, to_json, write_json_atomic
+    from .train import FinetuneConfig, TrainCallbacks, run_finetune
+
+    config = FinetuneConfig(
+        task=task.lower(), model=model, rhos=list(rho or []), compare=compare, sketch=sketch, include=include,
+        exclude=exclude, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        eval_batch_size=eval_batch_size, lr=lr, max_length=max_length, grad_accum=grad_accum, seed=seed,
+        dtype=dtype, device=device, data_dir=None if data_dir is None else str(data_dir),
+        train_file=None if train_file is None else str(train_file),
+        validation_file=None if validation_file is None else str(validation_file),
+        text_columns=_split_columns(text_columns), label_column=label_column,
+        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, offline=offline,
+        save_model=None if save_model is None else str(save_model))
+    config.validate()
+    if output is not None:
+        check_writable(output)
+    with _stop_on_signals() as stop, _training_progress(stop) as callbacks:
+        report = run_finetune(config, callbacks)
+    report["command"] = _command_line()
+    if output is not None:
+        write_json_atomic(output, report)
+    if json_output:
+        typer.echo(to_json(report))
+    else:
+        for run in report["runs"]:
+            out_console.print(epoch_table(run))
+        out_console.print(finetune_table(report))
+        if output is not None:
+            err_console.print(f"report written to {output}")
+    if report["status"] == "interrupted":
+        err_console.print("interrupted: the report holds what finished")
+        raise typer.Exit(130)
+
+
+@contextmanager
+def _stop_on_signals():
+    """SIGINT/SIGTERM ask training to stop after the current step; a second SIGINT aborts at once."""
+    import signal
+
+    state = {"stop": False}
+
+    def handler(signum, frame):
+        if state["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state["stop"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: state["stop"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def _training_progress(should_stop):
+    from rich.progress import TimeRemainingColumn
+
+    from .train import TrainCallbacks
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err_console, transient=True, disable=not err_console.is_terminal)
+    tasks: dict[str, int] = {}
+
+    def on_run_start(name, total):
+        tasks[name] = bar.add_task(name, total=total)
+
+    def on_step(name, step, loss, lr):
+        bar.update(tasks[name], completed=step, description=f"{name}  loss {loss:.4f}  lr {lr:.2e}")
+
+    def on_epoch(name, entry):
+        metrics = ", ".join(f"{split} {k} {v:.4f}" for split, m in (entry.get("eval") or {}).items()
+                            for k, v in m.items() if k != "loss")
+        bar.console.print(f"{name}: epoch {entry['epoch']} train loss {entry['train_loss']:.4f}; {metrics}")
+
+    with bar:
+        yield TrainCallbacks(on_run_start=on_run_start, on_step=on_step, on_epoch=on_epoch, should_stop=should_stop)
 
 
 def main() -> None:

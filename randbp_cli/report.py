@@ -182,3 +182,68 @@ def _profile_caption(report: dict) -> str:
     if config.get("device", "cpu").startswith("cuda") and not nvml.get("available"):
         parts.append(f"NVML unavailable: {nvml.get('reason', 'unknown')}")
     return "; ".join(parts)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def finetune_table(report: dict) -> Table:
+    """The paper's kind of table: task metric, activation MiB, peak MiB, time/step, ratio to exact."""
+    task = report.get("task", {})
+    model = report.get("model", {})
+    runs = report["runs"]
+    metric = runs[0]["metric"] if runs else "metric"
+    title = (f"randbp finetune: {task.get('task', '?')} on {model.get('name', '?')} "
+             f"({model.get('weights', '?')} weights), status {report.get('status', '?')}")
+    table = Table(title=title, title_justify="left")
+    show_cuda = any((r["memory"].get("cuda") or {}) for r in runs)
+    columns = ["run", "ρ", f"best {metric}", "epoch", f"last {metric}", "activations MiB", "vs exact"]
+    if show_cuda:
+        columns += ["CUDA peak MiB"]
+    columns += ["s/step", "tokens/s", "time × exact"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
+    for r in runs:
+        vs = r.get("vs_exact", {})
+        best, last = r.get("best") or {}, r.get("last") or {}
+        row = [r["name"] + (" (interrupted)" if r["status"] == "interrupted" else ""),
+               "—" if r["rho"] is None else f"{r['rho']:g}",
+               _fmt(best.get("value")), _fmt(best.get("epoch")), _fmt(last.get("value")),
+               _mib(r["memory"].get("activation_bytes")),
+               "baseline" if r["method"] == "exact" else _pct(None if "activation_bytes" not in vs
+                                                              else vs["activation_bytes"] - 1)]
+        if show_cuda:
+            row.append(_mib((r["memory"].get("cuda") or {}).get("peak_allocated_bytes")))
+        step_time = r["time"].get("step_time_s")
+        tokens_per_s = r["time"].get("tokens_per_s")
+        row += [_fmt(step_time, 3), "—" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+                "—" if "step_time" not in vs else f"{vs['step_time']:.2f}×"]
+        table.add_row(*row, style="bold" if r["method"] == "exact" else None)
+    return table
+
+
+def epoch_table(run: dict) -> Table:
+    """One run's epochs: train loss and every evaluation metric per split."""
+    table = Table(title=f"{run['name']}: per epoch", title_justify="left")
+    splits_metrics: list[tuple[str, str]] = []
+    for entry in run["epochs"]:
+        for split, metrics in (entry.get("eval") or {}).items():
+            for name in metrics:
+                if (split, name) not in splits_metrics:
+                    splits_metrics.append((split, name))
+    several = len({s for s, _ in splits_metrics}) > 1
+    for column in ["epoch", "steps", "train loss", *[f"{s}:{m}" if several else m for s, m in splits_metrics],
+                   "train s"]:
+        table.add_column(column, justify="right", no_wrap=True)
+    for entry in run["epochs"]:
+        evals = entry.get("eval") or {}
+        table.add_row(str(entry["epoch"]) + (" (partial)" if entry.get("partial") else ""), str(entry["steps"]),
+                      _fmt(entry["train_loss"]),
+                      *[_fmt((evals.get(s) or {}).get(m)) for s, m in splits_metrics],
+                      _fmt(entry.get("train_time_s"), 1))
+    return table
