@@ -175,58 +175,86 @@ def _split_columns(value: Optional[str]) -> Optional[list[str]]:
     return [c.strip() for c in value.split(",") if c.strip()]
 
 
+# Options shared by finetune and variance (same data and model sources), defined once.
+TaskOpt = Annotated[str, typer.Option(help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or "
+                                           "'synthetic' (offline, generated from --seed).")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Built-in architecture, hub id, checkpoint directory, or a "
+                                                      "directory with only config.json. [default: roberta-base; "
+                                                      "roberta-tiny for --task synthetic]")]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option(help="Only randomize layers matching this pattern.")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option(help="Never randomize layers matching this pattern.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Batch size per step. "
+                                                 "[default: the task's, 16 or 32]")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: the task's]")]
+MaxLengthOpt = Annotated[int, typer.Option(help="Truncate inputs to this many tokens.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for weights, data order, dropout and sketches.")]
+DtypeOpt = Annotated[str, typer.Option(help="Model dtype: float32, bfloat16, float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(help="GLUE TSV files as distributed (DIR/MRPC/train.tsv), or "
+                                                         "train/validation .csv/.jsonl/.parquet.")]
+TrainFileOpt = Annotated[Optional[Path], typer.Option(help="Your own training file (.csv/.tsv/.jsonl/.parquet).")]
+ValidationFileOpt = Annotated[Optional[Path], typer.Option(help="Your own evaluation file.")]
+TextColumnsOpt = Annotated[Optional[str], typer.Option(help="With --train-file: one or two text columns, "
+                                                            "comma-separated.")]
+LabelColumnOpt = Annotated[str, typer.Option(help="With --train-file: the label column.")]
+MaxTrainOpt = Annotated[Optional[int], typer.Option(help="Use only the first N training examples.")]
+MaxEvalOpt = Annotated[Optional[int], typer.Option(help="Use only the first N evaluation examples.")]
+OfflineOpt = Annotated[bool, typer.Option(help="Never contact the Hugging Face Hub.")]
+
+
+def _data_options(task, model, data_dir, train_file, validation_file, text_columns, label_column,
+                  max_train_samples, max_eval_samples, offline) -> dict:
+    """The FinetuneConfig fields both commands fill the same way."""
+    return dict(task=task.lower(), model=model, data_dir=None if data_dir is None else str(data_dir),
+                train_file=None if train_file is None else str(train_file),
+                validation_file=None if validation_file is None else str(validation_file),
+                text_columns=_split_columns(text_columns), label_column=label_column,
+                max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, offline=offline)
+
+
 @app.command()
 def finetune(
-    task: Annotated[str, typer.Option(help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) "
-                                           "or 'synthetic' (offline, generated from --seed).")] = "mrpc",
-    model: Annotated[Optional[str], typer.Option(help="Built-in architecture, hub id, checkpoint directory, or "
-                                                      "a directory with only config.json. [default: roberta-base; "
-                                                      "roberta-tiny for --task synthetic]")] = None,
+    task: TaskOpt = "mrpc",
+    model: ModelOpt = None,
     rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Randomize every linear layer at this "
                                                        "compression rate; repeat for several runs. Without it: "
                                                        "exact training.")] = None,
     compare: Annotated[bool, typer.Option(help="Add an exact run beside the --rho runs (same data, same seed).")] = False,
     sketch: Annotated[str, typer.Option(help=f"Sketch: {', '.join(sketch_names())}.")] = "gaussian",
-    include: Annotated[Optional[list[str]], typer.Option(help="Only randomize layers matching this pattern.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Never randomize layers matching this pattern.")] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: the task's, 10 for GLUE]")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Per-step batch size. "
-                                                      "[default: the task's, 16 or 32]")] = None,
+    batch_size: BatchOpt = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size. [default: 2 × batch]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: the task's]")] = None,
-    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens.")] = 512,
+    lr: LrOpt = None,
+    max_length: MaxLengthOpt = 512,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed for weights, data order, dropout and sketches.")] = 0,
-    dtype: Annotated[str, typer.Option(help="Model dtype: float32, bfloat16, float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    data_dir: Annotated[Optional[Path], typer.Option(help="GLUE TSV files as distributed (DIR/MRPC/train.tsv), "
-                                                          "or train/validation .csv/.jsonl/.parquet.")] = None,
-    train_file: Annotated[Optional[Path], typer.Option(help="Your own training file (.csv/.tsv/.jsonl/.parquet).")] = None,
-    validation_file: Annotated[Optional[Path], typer.Option(help="Your own evaluation file.")] = None,
-    text_columns: Annotated[Optional[str], typer.Option(help="With --train-file: one or two text columns, "
-                                                             "comma-separated.")] = None,
-    label_column: Annotated[str, typer.Option(help="With --train-file: the label column.")] = "label",
-    max_train_samples: Annotated[Optional[int], typer.Option(help="Use only the first N training examples.")] = None,
-    max_eval_samples: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation examples.")] = None,
-    offline: Annotated[bool, typer.Option(help="Never contact the Hugging Face Hub.")] = False,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    validation_file: ValidationFileOpt = None,
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = "label",
+    max_train_samples: MaxTrainOpt = None,
+    max_eval_samples: MaxEvalOpt = None,
+    offline: OfflineOpt = False,
     save_model: Annotated[Optional[Path], typer.Option(help="Write the fine-tuned model (safetensors) here.")] = None,
     json_output: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
     """Fine-tune with randomized backprop (and exactly, with --compare): accuracy, memory, time."""
     from .report import check_writable, epoch_table, finetune_table, to_json, write_json_atomic
-    from .train import FinetuneConfig, TrainCallbacks, run_finetune
+    from .train import FinetuneConfig, run_finetune
 
     config = FinetuneConfig(
-        task=task.lower(), model=model, rhos=list(rho or []), compare=compare, sketch=sketch, include=include,
-        exclude=exclude, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        eval_batch_size=eval_batch_size, lr=lr, max_length=max_length, grad_accum=grad_accum, seed=seed,
-        dtype=dtype, device=device, data_dir=None if data_dir is None else str(data_dir),
-        train_file=None if train_file is None else str(train_file),
-        validation_file=None if validation_file is None else str(validation_file),
-        text_columns=_split_columns(text_columns), label_column=label_column,
-        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, offline=offline,
+        **_data_options(task, model, data_dir, train_file, validation_file, text_columns, label_column,
+                        max_train_samples, max_eval_samples, offline),
+        rhos=list(rho or []), compare=compare, sketch=sketch, include=include, exclude=exclude, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, max_length=max_length,
+        grad_accum=grad_accum, seed=seed, dtype=dtype, device=device,
         save_model=None if save_model is None else str(save_model))
     config.validate()
     if output is not None:
@@ -244,6 +272,74 @@ def finetune(
         out_console.print(finetune_table(report))
         if output is not None:
             err_console.print(f"report written to {output}")
+    if report["status"] == "interrupted":
+        err_console.print("interrupted: the report holds what finished")
+        raise typer.Exit(130)
+
+
+@app.command()
+def variance(
+    task: TaskOpt = "synthetic",
+    model: ModelOpt = None,
+    rho: Annotated[float, typer.Option(help="Compression rate whose variance is measured.")] = 0.5,
+    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", help=SKETCH_HELP + " [default: gaussian]")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Measure linear layers matching this "
+                                                       "pattern (suffix, glob, re:REGEX); repeatable. "
+                                                       "[default: every linear layer]")] = None,
+    repeats: Annotated[int, typer.Option(help="Sketches drawn per measurement for the empirical D²_RMM.")] = 64,
+    steps: Annotated[int, typer.Option(help="Fine-tune this many steps, measuring every --every steps "
+                                            "(0: measure the first batch only).")] = 0,
+    every: Annotated[int, typer.Option(help="Measure every this many steps.")] = 1,
+    train_rho: Annotated[Optional[float], typer.Option(help="Train randomized at this rate (with --train-sketch); "
+                                                            "default: exact training.")] = None,
+    train_sketch: Annotated[str, typer.Option(help="Sketch used for training with --train-rho.")] = "gaussian",
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    max_length: MaxLengthOpt = 512,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    validation_file: ValidationFileOpt = None,
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = "label",
+    max_train_samples: MaxTrainOpt = None,
+    max_eval_samples: MaxEvalOpt = None,
+    offline: OfflineOpt = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the ratio over steps with the bound.")] = None,
+    json_output: JsonOption = False,
+    output: OutputOption = None,
+) -> None:
+    """Randomized vs mini-batch (SGD) gradient variance, per layer and sketch, on real batches."""
+    from .report import atomic_path, check_writable, to_json, variance_table, write_json_atomic
+    from .train import VarianceConfig
+    from .variance import plot_ratios, run_variance
+
+    config = VarianceConfig(
+        **_data_options(task, model, data_dir, train_file, validation_file, text_columns, label_column,
+                        max_train_samples, max_eval_samples, offline),
+        sketch=train_sketch, sketches=list(sketch or ["gaussian"]), rho=rho, repeats=repeats, layers=layer,
+        steps=steps, every=every, train_rho=train_rho, include=include, exclude=exclude, batch_size=batch_size,
+        lr=lr, max_length=max_length, seed=seed, dtype=dtype, device=device)
+    config.validate()
+    for path in (output, plot):
+        if path is not None:
+            check_writable(path)
+    with _stop_on_signals() as stop, _training_progress(stop) as callbacks:
+        report = run_variance(config, callbacks)
+    report["command"] = _command_line()
+    if output is not None:
+        write_json_atomic(output, report)
+    if plot is not None:
+        with atomic_path(plot) as tmp:
+            plot_ratios(report, tmp, image_format=plot.suffix.lstrip(".").lower() or "png")
+    if json_output:
+        typer.echo(to_json(report))
+    else:
+        out_console.print(variance_table(report))
     if report["status"] == "interrupted":
         err_console.print("interrupted: the report holds what finished")
         raise typer.Exit(130)

@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -92,19 +93,17 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON to a temp file beside `path`, then rename: never a half-written report."""
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yields a temp path beside `path`; renames it onto `path` only if the block succeeds."""
     path = check_writable(path)
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as err:
         raise ReportWriteError(f"cannot write {str(path)!r}: {err.strerror}") from None
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
@@ -112,7 +111,17 @@ def write_json_atomic(path: str | Path, data: dict) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_json_atomic(path: str | Path, data: dict) -> Path:
+    """Write JSON to a temp file beside `path`, then rename: never a half-written report."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
 
 
 def _json_default(value):
@@ -246,4 +255,35 @@ def epoch_table(run: dict) -> Table:
                       _fmt(entry["train_loss"]),
                       *[_fmt((evals.get(s) or {}).get(m)) for s, m in splits_metrics],
                       _fmt(entry.get("train_time_s"), 1))
+    return table
+
+
+def _sci(value) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def variance_table(report: dict, max_rows: int = 40) -> Table:
+    """Every (step, layer, sketch) record, or, for long runs, the per-(layer, sketch) summary."""
+    config = report.get("config", {})
+    records = report["records"]
+    title = (f"randbp variance: {config.get('task', '?')} on {config.get('model', '?')}, ρ = {config.get('rho', '?')}, "
+             f"{config.get('repeats', '?')} repeats")
+    table = Table(title=title, title_justify="left",
+                  caption="ratio = (k/(B−1))·D²_RMM/D²_SGD (measured); bound = (α+1)/α (paper, Theorem 1)")
+    if len(records) <= max_rows:
+        for column in ["step", "layer", "sketch", "k / B", "α", "D²_SGD", "D²_RMM measured ± se",
+                       "D²_RMM theory", "ratio", "bound"]:
+            table.add_column(column, justify="left" if column in ("layer", "sketch") else "right", no_wrap=True)
+        for r in records:
+            table.add_row(str(r["step"]), r["layer"], r["sketch"], f"{r['k']} / {r['rows']}", f"{r['alpha']:.4f}",
+                          _sci(r["d2_sgd"]), f"{r['d2_rmm_measured']:.3g} ± {r['d2_rmm_se']:.2g}",
+                          _sci(r["d2_rmm_theory"]), _fmt(r["ratio"], 3), _fmt(r["bound"], 3))
+    else:
+        for column in ["layer", "sketch", "steps", "mean α", "ratio mean", "ratio min–max", "mean bound",
+                       "within bound"]:
+            table.add_column(column, justify="left" if column in ("layer", "sketch") else "right", no_wrap=True)
+        for s in report["summary"]:
+            table.add_row(s["layer"], s["sketch"], str(s["steps"]), f"{s['alpha_mean']:.4f}", _fmt(s["ratio_mean"], 3),
+                          f"{_fmt(s['ratio_min'], 3)}–{_fmt(s['ratio_max'], 3)}", _fmt(s["bound_mean"], 3),
+                          "yes" if s["within_bound"] else "no")
     return table

@@ -231,7 +231,8 @@ class PadCollator:
 # ---------------------------------------------------------------------------- one run
 
 
-def _optimizer(model, config: FinetuneConfig, lr: float):
+def make_optimizer(model, config: FinetuneConfig, lr: float):
+    """AdamW as Fairseq configures it for GLUE (METHOD §5): decay on every parameter."""
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=config.adam_betas, eps=config.adam_eps,
                              weight_decay=config.weight_decay)
 
@@ -293,7 +294,7 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
     total_steps = min(config.max_steps or epochs * steps_per_epoch, epochs * steps_per_epoch)
     epochs = min(epochs, math.ceil(total_steps / steps_per_epoch))
-    optimizer = _optimizer(model, config, lr)
+    optimizer = make_optimizer(model, config, lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     if callbacks.on_run_start:
         callbacks.on_run_start(name, total_steps)
@@ -308,6 +309,7 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
                     "epochs": []}
     memory: dict = {"activation_bytes": None}
     step, tokens, train_time = 0, 0, 0.0
+    run_start = time.perf_counter()
     torch.manual_seed(config.seed)  # dropout and sketch seeds start from the same state in every run
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -366,7 +368,8 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
     record["memory"] = memory
     record["time"] = {"steps": step, "train_time_s": train_time,
                       "step_time_s": train_time / step if step else None,
-                      "tokens_per_s": tokens / train_time if train_time else None, "tokens": tokens}
+                      "tokens_per_s": tokens / train_time if train_time else None, "tokens": tokens,
+                      "total_time_s": time.perf_counter() - run_start}
     if stopped:
         record["status"] = "interrupted"
     _summarize(record, spec)
@@ -444,12 +447,23 @@ def save_model(model, tokenizer, directory: Path) -> None:
         raise
 
 
-def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None) -> dict:
-    """Every run of `config`; returns the `randbp.finetune/1` report (status completed/interrupted)."""
-    from .report import environment
+@dataclass
+class Prepared:
+    """Everything a run needs that does not depend on the method: data, tokenizer, a fresh model."""
 
-    callbacks = callbacks or TrainCallbacks()
-    config.validate()
+    device: torch.device
+    loaded: LoadedModel
+    data: TaskData
+    train_set: object
+    eval_sets: dict
+    collator: object
+    tokenizer: object
+    tokenizer_info: dict
+    max_length: int
+
+
+def prepare(config: FinetuneConfig) -> Prepared:
+    """Load the model (with the task's head) and the data, tokenize, and build the collator."""
     device = resolve_device(config.device)
     model_name = config.model_name()
     if config.save_model:
@@ -477,7 +491,18 @@ def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None
         tokenizer, tokenizer_info = load_tokenizer(model_name, loaded, data, config.offline)
         train_set, eval_sets = tokenize(data, tokenizer, max_length)
         collator = DataCollatorWithPadding(tokenizer)
+    return Prepared(device, loaded, data, train_set, eval_sets, collator, tokenizer, tokenizer_info, max_length)
 
+
+def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None) -> dict:
+    """Every run of `config`; returns the `randbp.finetune/1` report (status completed/interrupted)."""
+    from .report import environment
+
+    callbacks = callbacks or TrainCallbacks()
+    config.validate()
+    p = prepare(config)
+    device, data, loaded, tokenizer = p.device, p.data, p.loaded, p.tokenizer
+    model_name = config.model_name()
     runs: list[dict] = []
     status = "completed"
     first_model = [loaded]  # the first run trains the model loaded above; later runs reload it
@@ -486,7 +511,7 @@ def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None
             status = "interrupted"
             break
         fresh = first_model.pop() if first_model else None
-        run = train_run(config, method, rho, data, train_set, eval_sets, collator, callbacks, device, fresh)
+        run = train_run(config, method, rho, data, p.train_set, p.eval_sets, p.collator, callbacks, device, fresh)
         model = run.pop("_model")
         if config.save_model and run["status"] == "completed":
             target = Path(config.save_model)
@@ -504,8 +529,37 @@ def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None
         "status": status,
         "environment": environment(device),
         "config": {**asdict(config), "model": model_name, "device": str(device),
-                   "dtype": dtype_name(resolve_dtype(config.dtype)), "max_length": max_length},
+                   "dtype": dtype_name(resolve_dtype(config.dtype)), "max_length": p.max_length},
         "task": data.describe(),
-        "model": {**loaded.describe(), "tokenizer": tokenizer_info, "max_seq_len": max_sequence_length(loaded.model)},
+        "model": {**loaded.describe(), "tokenizer": p.tokenizer_info, "max_seq_len": max_sequence_length(loaded.model)},
         "runs": runs,
     }
+
+
+@dataclass
+class VarianceConfig(FinetuneConfig):
+    """`randbp variance`: the data and model options of finetune, plus what to measure."""
+
+    sketches: list[str] = field(default_factory=lambda: ["gaussian"])
+    rho: float = 0.5  # the compression rate measured
+    repeats: int = 64
+    layers: list[str] | None = None
+    steps: int = 0  # fine-tune this many steps (0: measure the first batch only)
+    every: int = 1
+    train_rho: float | None = None  # train randomized at this rate (with `sketch`); None: exact
+
+    def validate(self) -> None:
+        super().validate()
+        check_rho(self.rho)
+        if self.train_rho is not None:
+            check_rho(self.train_rho)
+        if not self.sketches:
+            raise ConfigError("give at least one --sketch")
+        for sketch in self.sketches:
+            get_sketch(sketch)
+        if self.repeats < 2:
+            raise ConfigError(f"--repeats must be at least 2 to give a standard error (got {self.repeats})")
+        if self.steps < 0:
+            raise ConfigError(f"--steps must be 0 or more (got {self.steps})")
+        if self.every < 1:
+            raise ConfigError(f"--every must be at least 1 (got {self.every})")

@@ -1,0 +1,296 @@
+"""How much noise randomized backprop adds, next to the noise SGD already has (METHOD §2–3).
+
+For one linear layer on one batch, X (B × d_in) is its input and Y = ∂L/∂out (B × d_out), with
+B the number of rows the layer sees (all leading dims flattened: tokens, padding included, as
+the sketch sees them). Per-row gradients are gᵢ = yᵢxᵢᵀ and the exact weight gradient is
+G = YᵀX (the transpose of XᵀY; the same norm). We report
+
+  α        = ‖XᵀY‖² / (‖X‖²‖Y‖²) ∈ [0, 1]
+  D²_SGD   = (B·Σᵢ‖xᵢ‖²‖yᵢ‖² − ‖XᵀY‖²) / (B − 1)          mini-batch (row-sampling) variance
+  D²_RMM   = E‖(SᵀY)ᵀ(SᵀX) − G‖²_F, measured by applying the sketch `repeats` times to the same
+             X and Y (mean and its standard error) and from the sketch's closed form
+  ratio    = (k / (B − 1)) · D²_RMM / D²_SGD  (measured; `ratio_theory` from the closed form)
+  bound    = (α + 1) / α                       (the paper's Theorem 1 upper bound, for Gaussian)
+
+`capture_linear_io` records X and Y of chosen layers for one forward/backward only, so the
+measurement costs memory only on measured steps and only for the layers asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .convert import name_matches
+from .errors import ConfigError
+from .layers import draw_seed
+from .sketches import Sketch, get_sketch, sketch_rows
+
+SCHEMA = "randbp.variance/1"
+
+
+@dataclass
+class GradientStats:
+    rows: int
+    grad_norm: float
+    alpha: float
+    d2_sgd: float
+
+
+def gradient_stats(x: Tensor, y: Tensor) -> GradientStats:
+    """‖XᵀY‖, α and D²_SGD in float64 (METHOD §3)."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = y.reshape(-1, y.shape[-1]).double()
+    rows = x.shape[0]
+    if rows < 2:
+        raise ConfigError("a batch of one row has no mini-batch variance (B − 1 = 0): use a larger batch")
+    row_x, row_y = x.square().sum(1), y.square().sum(1)
+    grad_sq = float((x.T @ y).square().sum())
+    x_sq, y_sq = float(row_x.sum()), float(row_y.sum())
+    alpha = grad_sq / (x_sq * y_sq) if x_sq * y_sq > 0 else 0.0
+    d2_sgd = (rows * float((row_x * row_y).sum()) - grad_sq) / (rows - 1)
+    return GradientStats(rows, math.sqrt(grad_sq), alpha, d2_sgd)
+
+
+def d2_sgd_brute_force(x: Tensor, y: Tensor) -> float:
+    """D²_SGD straight from its definition, for tests: B² · Var of the per-row gradients gᵢ = yᵢxᵢᵀ
+    around their mean, with the unbiased (B − 1) normaliser: Σᵢ‖B·gᵢ − G‖² / (B − 1) / B."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = y.reshape(-1, y.shape[-1]).double()
+    rows = x.shape[0]
+    per_row = torch.einsum("bi,bj->bij", y, x)  # (B, d_out, d_in)
+    total = per_row.sum(0)
+    return float((rows * per_row - total).square().sum() / (rows - 1) / rows)
+
+
+def measure_rmm_variance(x: Tensor, y: Tensor, sketch: str | Sketch, k: int, repeats: int,
+                         generator_seed: int | None = None) -> tuple[float, float]:
+    """Mean and standard error of ‖(SᵀY)ᵀ(SᵀX) − G‖²_F over `repeats` fresh sketches."""
+    if repeats < 2:
+        raise ConfigError(f"--repeats must be at least 2 to give a standard error (got {repeats})")
+    sketch = get_sketch(sketch)
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    # measure in float32 at least: half precision would add rounding noise to the variance
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, y = x.to(dtype), y.to(dtype)
+    exact = y.T @ x
+    gen = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+    errors = torch.empty(repeats, dtype=torch.float64)
+    for r in range(repeats):
+        seed = int(torch.randint(0, 2**62, (), generator=gen).item()) if gen is not None else draw_seed()
+        saved = sketch.compress(x, k, seed)
+        estimate = sketch.compress_grad(y, k, seed, saved).T @ saved[0]
+        errors[r] = float((estimate - exact).double().square().sum())
+    return float(errors.mean()), float(errors.std() / math.sqrt(repeats))
+
+
+def variance_record(x: Tensor, y: Tensor, *, layer: str, step: int, sketch: str | Sketch, rho: float,
+                    repeats: int, min_rows: int = 1, seed: int | None = None) -> dict:
+    """One (step, layer, sketch) record of the `randbp.variance/1` report."""
+    sketch = get_sketch(sketch)
+    stats = gradient_stats(x, y)
+    k = sketch_rows(stats.rows, rho, min_rows)
+    measured, se = measure_rmm_variance(x, y, sketch, k, repeats, seed)
+    theory = sketch.variance(x, y, k)
+    scale = k / (stats.rows - 1)
+    return {
+        "layer": layer, "step": step, "sketch": sketch.name, "rho": rho, "k": k, "rows": stats.rows,
+        "grad_norm": stats.grad_norm, "alpha": stats.alpha, "d2_sgd": stats.d2_sgd,
+        "d2_rmm_measured": measured, "d2_rmm_se": se, "d2_rmm_theory": theory,
+        "ratio": scale * measured / stats.d2_sgd if stats.d2_sgd > 0 else None,
+        "ratio_theory": scale * theory / stats.d2_sgd if stats.d2_sgd > 0 else None,
+        "bound": (stats.alpha + 1) / stats.alpha if stats.alpha > 0 else None,
+    }
+
+
+# ---------------------------------------------------------------------------- capture
+
+
+def select_layers(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    """Linear layers (plain or randomized) matching any pattern; all of them by default."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not patterns:
+        return names
+    for pattern in patterns:
+        if not any(name_matches(n, pattern) for n in names):
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            raise ConfigError(f"--layer {pattern!r} matches no linear layer; the layers are: {shown}")
+    return [n for n in names if any(name_matches(n, p) for p in patterns)]
+
+
+@contextmanager
+def capture_linear_io(model: nn.Module, layers: Iterable[str]):
+    """Record (X, Y) of each named layer during one forward/backward: yields {name: [X, Y]}."""
+    captured: dict[str, list[Tensor | None]] = {}
+    handles = []
+
+    def hook(name):
+        def forward_hook(module, inputs, output):
+            captured[name] = [inputs[0].detach(), None]
+            if output.requires_grad:
+                output.register_hook(lambda grad: captured[name].__setitem__(1, grad.detach()))
+        return forward_hook
+
+    for name in layers:
+        handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def run_variance(config, callbacks=None) -> dict:
+    """Measure every selected layer × sketch on real batches, optionally while fine-tuning.
+
+    `config` is a `VarianceConfig` (train.py): the data and model options of `finetune`, plus
+    the measurement's `sketches`, `rho`, `repeats`, `layers`, `steps`, `every`, `train_rho`.
+    """
+    from dataclasses import asdict
+
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    from .convert import convert
+    from .report import environment
+    from .train import TrainCallbacks, make_optimizer, prepare
+
+    callbacks = callbacks or TrainCallbacks()
+    config.validate()
+    prepared = prepare(config)
+    device, spec = prepared.device, prepared.data.spec
+    model = prepared.loaded.model.to(device)
+    model.train()
+    if config.train_rho is not None:
+        model = convert(model, config.train_rho, sketch=config.sketch, include=config.include,
+                        exclude=config.exclude)
+    layers = select_layers(model, config.layers)
+    batch_size = config.batch_size or spec.batch_size
+    lr = config.lr or spec.lr
+    loader = DataLoader(prepared.train_set, batch_size=batch_size, shuffle=True, collate_fn=prepared.collator,
+                        generator=torch.Generator().manual_seed(config.seed))
+    optimizer = make_optimizer(model, config, lr)
+    total = max(config.steps, 1)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total), total)
+    measured_steps = list(range(0, config.steps + 1, config.every))
+    if callbacks.on_run_start:
+        callbacks.on_run_start("variance", config.steps)
+
+    records: list[dict] = []
+    losses: dict[int, float] = {}
+    status = "completed"
+    batches = iter(loader)
+    torch.manual_seed(config.seed)
+    for step in range(config.steps + 1):
+        try:
+            batch = next(batches)
+        except StopIteration:  # a new epoch, reshuffled
+            batches = iter(loader)
+            batch = next(batches)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if step in measured_steps:
+            with capture_linear_io(model, layers) as captured:
+                loss = model(**batch).loss
+                loss.backward()
+            for name in layers:
+                x, y = captured[name]
+                if y is None:  # the layer does not reach the loss (or its weight is frozen)
+                    continue
+                for sketch in config.sketches:
+                    records.append(variance_record(x, y, layer=name, step=step, sketch=sketch, rho=config.rho,
+                                                   repeats=config.repeats))
+            del captured, x, y
+            losses[step] = loss.item()
+        else:
+            loss = model(**batch).loss
+            loss.backward()
+        if step == config.steps:
+            break
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if callbacks.on_step:
+            callbacks.on_step("variance", step + 1, loss.item(), scheduler.get_last_lr()[0])
+        if callbacks.should_stop():
+            status = "interrupted"
+            break
+    return {
+        "schema": SCHEMA,
+        "status": status,
+        "environment": environment(device),
+        "config": {**asdict(config), "model": config.model_name(), "device": str(device), "batch_size": batch_size,
+                   "lr": lr},
+        "task": prepared.data.describe(),
+        "model": {**prepared.loaded.describe(), "tokenizer": prepared.tokenizer_info,
+                  "trained_with": "exact" if config.train_rho is None else
+                  f"{get_sketch(config.sketch).name} rho={config.train_rho:g}"},
+        "layers": layers,
+        "train_loss": {str(k): v for k, v in losses.items()},
+        "records": records,
+        "summary": summarize(records),
+    }
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (layer, sketch): how the ratio behaved over the measured steps."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["layer"], r["sketch"]), []).append(r)
+    out = []
+    for (layer, sketch), rows in groups.items():
+        ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+        bounds = [r["bound"] for r in rows if r["bound"] is not None]
+        out.append({"layer": layer, "sketch": sketch, "steps": len(rows),
+                    "ratio_mean": sum(ratios) / len(ratios) if ratios else None,
+                    "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
+                    "bound_mean": sum(bounds) / len(bounds) if bounds else None,
+                    "alpha_mean": sum(r["alpha"] for r in rows) / len(rows),
+                    "within_bound": all(r["ratio"] is None or r["bound"] is None or r["ratio"] <= r["bound"]
+                                        for r in rows)})
+    return out
+
+
+def plot_ratios(report: dict, path, image_format: str = "png") -> None:
+    """Ratio over training steps per layer and sketch, with the bound dashed; PNG, headless."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = report["records"]
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        series.setdefault((r["layer"], r["sketch"]), []).append(r)
+    layers = list(dict.fromkeys(layer for layer, _ in series))
+    markers = dict(zip(dict.fromkeys(s for _, s in series), "os^Dvx"))
+    for (layer, sketch), rows in series.items():
+        color = colors[layers.index(layer) % len(colors)]
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["ratio"] for r in rows], marker=markers[sketch], color=color, label=f"{layer} · {sketch}")
+    for layer in layers:
+        rows = next(rows for (lay, _), rows in series.items() if lay == layer)
+        color = colors[layers.index(layer) % len(colors)]
+        ax.plot([r["step"] for r in rows], [r["bound"] for r in rows], linestyle="--", color=color, alpha=0.7,
+                label=f"{layer} · bound (α+1)/α")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    config = report.get("config", {})
+    ax.set_xlabel("training step (optimizer steps)")
+    ax.set_ylabel("(k/(B−1)) · D²_RMM / D²_SGD  (dimensionless)")
+    ax.set_title(f"randomized vs SGD gradient variance: {config.get('task', '?')}, {config.get('model', '?')}, "
+                 f"ρ = {config.get('rho', '?')}")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format=image_format)
+    plt.close(fig)

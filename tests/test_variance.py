@@ -1,0 +1,135 @@
+"""Variance estimators on fixed X, Y; the capture hooks; `randbp variance` end to end offline."""
+
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from randbp_cli import RandomizedLinear
+from randbp_cli.cli import app
+from randbp_cli.errors import ConfigError
+from randbp_cli.sketches import get_sketch, sketch_names
+from randbp_cli.variance import (capture_linear_io, d2_sgd_brute_force, gradient_stats, measure_rmm_variance,
+                                 variance_record)
+
+runner = CliRunner()
+
+
+def _xy(rows=24, d_in=6, d_out=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d_in, generator=gen, dtype=torch.float64)
+    y = torch.randn(rows, d_out, generator=gen, dtype=torch.float64) + 0.3 * x[:, :1]  # correlated: α > 0
+    return x, y
+
+
+@pytest.mark.parametrize("name", sketch_names())
+def test_measured_rmm_variance_matches_closed_form(name):
+    x, y = _xy()
+    k = 8
+    measured, se = measure_rmm_variance(x, y, name, k, repeats=4000, generator_seed=1)
+    theory = get_sketch(name).variance(x, y, k)
+    assert abs(measured - theory) < 5 * se
+    assert se < 0.05 * theory
+
+
+def test_d2_sgd_matches_brute_force_per_row_gradients():
+    x, y = _xy(rows=13)
+    assert gradient_stats(x, y).d2_sgd == pytest.approx(d2_sgd_brute_force(x, y), rel=1e-10)
+
+
+def test_alpha_in_unit_interval_and_extremes():
+    x, y = _xy()
+    assert 0 <= gradient_stats(x, y).alpha <= 1
+    rank_one_x = torch.ones(10, 1, dtype=torch.float64) @ torch.randn(1, 4, dtype=torch.float64)
+    rank_one_y = torch.ones(10, 1, dtype=torch.float64) @ torch.randn(1, 3, dtype=torch.float64)
+    assert gradient_stats(rank_one_x, rank_one_y).alpha == pytest.approx(1.0)  # all rows aligned
+    cancelling_x = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=torch.float64)
+    cancelling_y = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)  # the two row gradients cancel: XᵀY = 0
+    assert gradient_stats(cancelling_x, cancelling_y).alpha == 0.0
+
+
+def test_record_fields_and_ratio_definition():
+    x, y = _xy()
+    r = variance_record(x, y, layer="fc", step=3, sketch="gaussian", rho=0.5, repeats=64, seed=0)
+    for key in ("layer", "step", "sketch", "rho", "k", "rows", "alpha", "d2_sgd", "d2_rmm_measured", "d2_rmm_se",
+                "d2_rmm_theory", "ratio", "bound"):
+        assert key in r
+    assert (r["k"], r["rows"]) == (12, 24)
+    assert r["ratio"] == pytest.approx(r["k"] / (r["rows"] - 1) * r["d2_rmm_measured"] / r["d2_sgd"])
+    assert r["bound"] == pytest.approx((r["alpha"] + 1) / r["alpha"])
+
+
+def test_bad_inputs_raise_config_errors():
+    x, y = _xy()
+    with pytest.raises(ConfigError, match="repeats"):
+        measure_rmm_variance(x, y, "gaussian", 4, repeats=1)
+    with pytest.raises(ConfigError, match="one row"):
+        gradient_stats(x[:1], y[:1])
+
+
+def test_capture_records_input_and_output_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), RandomizedLinear(6, 2, rho=0.5))
+    x = torch.randn(5, 4)
+    with capture_linear_io(model, ["0", "2"]) as captured:
+        out = model(x)
+        out.square().sum().backward()
+    x0, y0 = captured["0"]
+    assert torch.equal(x0, x) and y0.shape == (5, 6)
+    h = torch.tanh(model[0](x))
+    assert torch.allclose(captured["2"][0], h)
+    assert torch.allclose(captured["2"][1], 2 * model(x))  # ∂(Σ out²)/∂out
+    # hooks are gone afterwards: nothing more is captured
+    model(x).sum().backward()
+    assert torch.equal(captured["0"][0], x0)
+
+
+TINY = ["--task", "synthetic", "--max-train-samples", "256", "--max-eval-samples", "32", "--batch-size", "8"]
+
+
+def test_cli_offline_tiny_model_with_plot(tmp_path):
+    out, png = tmp_path / "v.json", tmp_path / "v.png"
+    result = runner.invoke(app, ["variance", *TINY, "--layer", "intermediate.dense", "--sketch", "gaussian",
+                                 "--sketch", "countsketch", "--repeats", "16", "--steps", "4", "--every", "2",
+                                 "--train-rho", "0.5", "-o", str(out), "--plot", str(png), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads(out.read_text())
+    assert report["schema"] == "randbp.variance/1"
+    assert report["layers"] == ["roberta.encoder.layer.0.intermediate.dense", "roberta.encoder.layer.1.intermediate.dense"]
+    records = report["records"]
+    assert len(records) == 3 * 2 * 2  # steps 0, 2, 4 × 2 layers × 2 sketches
+    assert {r["step"] for r in records} == {0, 2, 4}
+    assert all(r["ratio"] > 0 and 0 <= r["alpha"] <= 1 for r in records)
+    assert report["model"]["trained_with"] == "gaussian rho=0.5"
+    header = png.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", header[16:24])
+    assert (width, height) == (900, 550)
+
+
+def test_cli_table():
+    result = runner.invoke(app, ["variance", *TINY, "--layer", "roberta.encoder.layer.0.output.dense",
+                                 "--repeats", "8"])
+    assert result.exit_code == 0, result.output
+    assert "D²_RMM" in result.stdout and "bound" in result.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--repeats", "1"], "--repeats"),
+    (["--layer", "no_such_layer"], "matches no linear layer"),
+    (["--rho", "0"], "rho must be in (0, 1]"),
+    (["--rho", "1.5"], "rho must be in (0, 1]"),
+    (["--layer", "classifier.out_proj", "--batch-size", "1"], "one row"),
+    (["--every", "0"], "--every"),
+])
+def test_cli_bad_input(args, needle):
+    result = runner.invoke(app, ["variance", *TINY, *[a for a in args]])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    if needle == "matches no linear layer":
+        assert "roberta.encoder.layer.0.attention.self.query" in lines[0]
