@@ -58,6 +58,11 @@ class _OneLineErrors(TyperGroup):
         return code
 
 
+def _note(message: str) -> None:
+    """A plain line on stderr (never wrapped or styled: logs and tests read it)."""
+    typer.echo(message, err=True)
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
@@ -141,6 +146,11 @@ def profile(
     attn_implementation: Annotated[Optional[str], typer.Option(help="Attention kernel for transformers "
                                                                "(eager, sdpa).")] = None,
     offline: Annotated[bool, typer.Option(help="Never contact the Hugging Face Hub.")] = False,
+    check: Annotated[Optional[Path], typer.Option("--check", help="Then compare against this baseline report "
+                                                  "(as `randbp check`): exit 1 on a regression.")] = None,
+    tolerance_peak: Annotated[str, typer.Option(help="With --check: allowed CUDA peak growth.")] = "5%",
+    tolerance_time: Annotated[Optional[str], typer.Option(help="With --check: allowed step-time growth "
+                                                          "(default: time is informational).")] = None,
     json_output: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -155,6 +165,12 @@ def profile(
     config.validate()
     if output is not None:
         check_writable(output)
+    if check is not None:  # a bad baseline should fail before minutes of profiling, not after
+        from .check import PROFILE_SCHEMA, load_report, parse_tolerance
+
+        baseline = load_report(check, PROFILE_SCHEMA)
+        tolerances = {"tolerance_peak": parse_tolerance(tolerance_peak, "--tolerance-peak"),
+                      "tolerance_time": parse_tolerance(tolerance_time, "--tolerance-time")}
     total = total_steps(config, resolve_device(device))
     with _progress(total) as progress:
         report = run_profile(config, progress=progress)
@@ -166,7 +182,107 @@ def profile(
     else:
         out_console.print(profile_table(report))
         if output is not None:
-            err_console.print(f"report written to {output}")
+            _note(f"report written to {output}")
+    if check is not None:
+        from .check import compare_reports
+
+        result = compare_reports(report, baseline, **tolerances)
+        _print_check(result, quiet=json_output)
+        raise typer.Exit(result.exit_code)
+
+
+def _print_check(result, quiet: bool = False, show_all: bool = False) -> None:
+    """Warnings and the verdict on stderr; the table of what moved on stdout (unless quiet)."""
+    from .report import check_table
+
+    for warning in result.warnings:
+        _note(f"warning: {warning}; numbers may differ for that reason alone")
+    if not quiet and (result.regressions or result.improvements or show_all):
+        out_console.print(check_table(result, show_all=show_all))
+    if result.regressions:
+        _note(f"FAIL: {len(result.regressions)} metric(s) regressed across {result.matched} matched case(s)")
+    else:
+        improved = (f"; {len(result.improvements)} improvement(s): update the baseline to lock this in "
+                    "(randbp check CURRENT --baseline BASELINE --update)") if result.improvements else ""
+        _note(f"PASS: {result.matched} case(s) match the baseline{improved}")
+    for case in result.new_cases:
+        _note(f"note: case not in the baseline (not checked): {case}")
+
+
+@app.command()
+def check(
+    current: Annotated[Path, typer.Argument(help="The profile report to judge (randbp profile -o ...).")],
+    baseline: Annotated[Path, typer.Option("--baseline", help="The committed baseline profile report.")],
+    tolerance_peak: Annotated[str, typer.Option(help="Allowed CUDA peak growth, e.g. 5% or 0.05.")] = "5%",
+    tolerance_time: Annotated[Optional[str], typer.Option(help="Allowed step-time growth; without it "
+                                                          "time is informational.")] = None,
+    tolerance_activation: Annotated[str, typer.Option(help="Allowed activation-byte growth (exact by "
+                                                      "default: the number is deterministic).")] = "0",
+    update: Annotated[bool, typer.Option(help="Rewrite the baseline from CURRENT (on purpose only).")] = False,
+    show_all: Annotated[bool, typer.Option(help="List every compared metric, not only what moved.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Compare a profile report with a baseline: exit 1 if memory regressed, 2 on usage problems."""
+    from .check import PROFILE_SCHEMA, compare_reports, load_report, parse_tolerance
+    from .report import to_json, write_json_atomic
+
+    tolerances = {"tolerance_peak": parse_tolerance(tolerance_peak, "--tolerance-peak"),
+                  "tolerance_time": parse_tolerance(tolerance_time, "--tolerance-time"),
+                  "tolerance_activation": parse_tolerance(tolerance_activation, "--tolerance-activation")}
+    report = load_report(current, PROFILE_SCHEMA)
+    if update:
+        write_json_atomic(baseline, report)
+        _note(f"baseline {baseline} rewritten from {current} ({len(report['results'])} cases)")
+        return
+    result = compare_reports(report, load_report(baseline, PROFILE_SCHEMA), **tolerances)
+    if json_output:
+        typer.echo(to_json(result.as_dict()))
+    _print_check(result, quiet=json_output, show_all=show_all)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def report(
+    files: Annotated[list[Path], typer.Argument(help="randbp JSON reports (profile, finetune or variance); "
+                                                "several profile reports merge into one comparison.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Also write a PNG: memory and time vs batch size "
+                                                      "(profile), loss and metric per epoch (finetune), "
+                                                      "ratio over steps (variance).")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="table (rich) or markdown.")] = "table",
+) -> None:
+    """Render saved reports as the commands' tables, as Markdown, or as a plot."""
+    from .check import load_report
+    from .errors import ConfigError
+    from .report import check_writable, report_kind, table_to_markdown, tables_for
+
+    if output_format not in ("table", "markdown"):
+        raise ConfigError(f"--format must be table or markdown (got {output_format!r})")
+    reports = [load_report(path) for path in files]
+    tables = tables_for(reports)
+    if plot is not None:
+        check_writable(plot)
+    if output_format == "markdown":
+        typer.echo("\n\n".join(table_to_markdown(t) for t in tables))
+    else:
+        for table in tables:
+            out_console.print(table)
+    if plot is not None:
+        _write_plot(report_kind(reports[0]), reports, plot)
+        _note(f"plot written to {plot}")
+
+
+def _write_plot(kind: str, reports: list[dict], path: Path) -> None:
+    from . import plots
+    from .report import atomic_path, merge_profiles
+
+    image_format = path.suffix.lstrip(".").lower() or "png"
+    with atomic_path(path) as tmp:
+        if kind == "profile":
+            plots.plot_profile(merge_profiles(reports), tmp, image_format)
+        elif kind == "finetune":
+            plots.plot_finetune(reports[0], tmp, image_format)
+        else:
+            plots.plot_variance(reports[0], tmp, image_format)
 
 
 def _split_columns(value: Optional[str]) -> Optional[list[str]]:
@@ -271,9 +387,9 @@ def finetune(
             out_console.print(epoch_table(run))
         out_console.print(finetune_table(report))
         if output is not None:
-            err_console.print(f"report written to {output}")
+            _note(f"report written to {output}")
     if report["status"] == "interrupted":
-        err_console.print("interrupted: the report holds what finished")
+        _note("interrupted: the report holds what finished")
         raise typer.Exit(130)
 
 
@@ -314,9 +430,9 @@ def variance(
     output: OutputOption = None,
 ) -> None:
     """Randomized vs mini-batch (SGD) gradient variance, per layer and sketch, on real batches."""
-    from .report import atomic_path, check_writable, to_json, variance_table, write_json_atomic
+    from .report import check_writable, to_json, variance_table, write_json_atomic
     from .train import VarianceConfig
-    from .variance import plot_ratios, run_variance
+    from .variance import run_variance
 
     config = VarianceConfig(
         **_data_options(task, model, data_dir, train_file, validation_file, text_columns, label_column,
@@ -334,14 +450,13 @@ def variance(
     if output is not None:
         write_json_atomic(output, report)
     if plot is not None:
-        with atomic_path(plot) as tmp:
-            plot_ratios(report, tmp, image_format=plot.suffix.lstrip(".").lower() or "png")
+        _write_plot("variance", [report], plot)
     if json_output:
         typer.echo(to_json(report))
     else:
         out_console.print(variance_table(report))
     if report["status"] == "interrupted":
-        err_console.print("interrupted: the report holds what finished")
+        _note("interrupted: the report holds what finished")
         raise typer.Exit(130)
 
 

@@ -287,3 +287,83 @@ def variance_table(report: dict, max_rows: int = 40) -> Table:
                           f"{_fmt(s['ratio_min'], 3)}–{_fmt(s['ratio_max'], 3)}", _fmt(s["bound_mean"], 3),
                           "yes" if s["within_bound"] else "no")
     return table
+
+
+# ---------------------------------------------------------------------------- any report
+
+
+def report_kind(report: dict) -> str:
+    """'profile', 'finetune' or 'variance' from the schema."""
+    return report["schema"].removeprefix("randbp.").split("/")[0]
+
+
+def merge_profiles(reports: list[dict]) -> dict:
+    """Several profile reports as one comparison (results concatenated, each tagged with its file)."""
+    if len(reports) == 1:
+        return reports[0]
+    merged = dict(reports[0])
+    merged["results"] = [r for report in reports for r in report["results"]]
+    names = list(dict.fromkeys((rep.get("model") or {}).get("name", "?") for rep in reports))
+    merged["model"] = {**(reports[0].get("model") or {}), "name": ", ".join(names)}
+    return merged
+
+
+def tables_for(reports: list[dict]) -> list[Table]:
+    """The same rich tables the commands print, for reports of one kind (profiles merged)."""
+    kinds = {report_kind(r) for r in reports}
+    if len(kinds) > 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"cannot merge reports of different kinds ({', '.join(sorted(kinds))}): "
+                          "render each kind separately")
+    kind = kinds.pop()
+    if kind == "profile":
+        return [profile_table(merge_profiles(reports))]
+    if kind == "finetune":
+        tables = []
+        for report in reports:
+            tables += [epoch_table(run) for run in report["runs"]] + [finetune_table(report)]
+        return tables
+    return [variance_table(report) for report in reports]
+
+
+def table_to_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table with the rich table's headers and cells."""
+
+    def clean(cell) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+
+    headers = [clean(c.header) for c in table.columns]
+    align = ["---:" if c.justify == "right" else "---" for c in table.columns]
+    rows = list(zip(*[[clean(cell) for cell in c.cells] for c in table.columns]))
+    lines = [f"| {' | '.join(headers)} |", f"| {' | '.join(align)} |"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    title = f"**{table.title}**\n\n" if table.title else ""
+    caption = f"\n\n_{table.caption}_" if table.caption else ""
+    return title + "\n".join(lines) + caption
+
+
+def check_table(result, show_all: bool = False) -> Table:
+    """Every metric that moved (or all with `show_all`): baseline, now, delta, delta %, limit."""
+    table = Table(title=f"randbp check: {result.matched} case(s) compared", title_justify="left")
+    for column in ["case", "metric", "baseline", "now", "delta", "delta %", "limit", "status"]:
+        table.add_column(column, justify="left" if column in ("case", "metric", "status") else "right", no_wrap=True)
+
+    def value(metric: str, number) -> str:
+        if number is None:
+            return "—"
+        return f"{number * 1000:,.1f} ms" if metric == "step_time_s" else f"{number:,.0f} B"
+
+    for change in result.changes:
+        moved = change.current != change.baseline
+        if not (show_all or change.status in ("regressed", "improved") or (change.status == "info" and moved
+                                                                            and change.metric != "step_time_s")):
+            continue
+        pct = change.delta_pct
+        style = {"regressed": "bold red", "improved": "green"}.get(change.status)
+        table.add_row(change.case, change.metric, value(change.metric, change.baseline),
+                      value(change.metric, change.current),
+                      ("+" if change.delta > 0 else "") + value(change.metric, change.delta),
+                      "—" if pct is None else f"{pct:+.2f}%", value(change.metric, change.limit), change.status,
+                      style=style)
+    return table

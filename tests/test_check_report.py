@@ -1,0 +1,244 @@
+"""The memory gate bites (randbp check, profile --check) and every report kind renders
+(randbp report: tables, Markdown, plots), with bad input refused in one line."""
+
+import copy
+import json
+import struct
+
+import pytest
+from typer.testing import CliRunner
+
+from randbp_cli.cli import app
+from randbp_cli.profiling import ProfileConfig, run_profile
+from randbp_cli.train import FinetuneConfig, VarianceConfig, run_finetune
+from randbp_cli.variance import run_variance
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def profile_report():
+    config = ProfileConfig(model="roberta-tiny", rhos=[0.5, 0.1], sketches=["countsketch"], batch_sizes=[2, 4],
+                           seq_len=16, steps=1, warmup=0, device="cpu")
+    return run_profile(config)
+
+
+@pytest.fixture
+def files(tmp_path, profile_report):
+    def write(name, data):
+        path = tmp_path / name
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+        return path
+
+    return write
+
+
+def test_identical_reports_pass(files, profile_report):
+    base = files("base.json", profile_report)
+    result = invoke("check", base, "--baseline", base)
+    assert result.exit_code == 0, result.output
+    assert "PASS: 6 case(s)" in result.stderr
+
+
+def test_one_more_byte_fails_with_a_table(files, profile_report):
+    current = copy.deepcopy(profile_report)
+    current["results"][2]["activation_bytes"] += 1
+    result = invoke("check", files("now.json", current), "--baseline", files("base.json", profile_report))
+    assert result.exit_code == 1, result.output
+    assert "FAIL: 1 metric(s) regressed" in result.stderr
+    assert "activation_bytes" in result.stdout and "+1 B" in result.stdout and "regressed" in result.stdout
+
+
+def test_missing_case_and_changed_schema_are_usage_errors(files, profile_report):
+    base = files("base.json", profile_report)
+    fewer = copy.deepcopy(profile_report)
+    del fewer["results"][1]
+    result = invoke("check", files("fewer.json", fewer), "--baseline", base)
+    assert result.exit_code == 2 and "lacks baseline case" in result.stderr
+    renamed = dict(profile_report, schema="randbp.profile/2")
+    result = invoke("check", files("v2.json", renamed), "--baseline", base)
+    assert result.exit_code == 2 and "randbp.profile/2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gate_exit_codes_1_2_2(files, profile_report):
+    """The issue's proof that the gate bites: +1 byte, a missing case, a changed schema."""
+    base = files("base.json", profile_report)
+    plus_one = copy.deepcopy(profile_report)
+    plus_one["results"][0]["activation_bytes"] += 1
+    missing = copy.deepcopy(profile_report)
+    missing["results"] = missing["results"][1:]
+    changed = dict(profile_report, schema="randbp.finetune/1")
+    codes = [invoke("check", files(f"{i}.json", r), "--baseline", base).exit_code
+             for i, r in enumerate([plus_one, missing, changed])]
+    assert codes == [1, 2, 2]
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "not valid JSON"),
+    ('{"hello": 1}', "not a randbp report"),
+    ('{"schema": "randbp.profile/1"}', "corrupt or truncated"),
+])
+def test_unusable_reports(files, profile_report, content, needle):
+    result = invoke("check", files("bad.json", content), "--baseline", files("base.json", profile_report))
+    assert result.exit_code == 2 and needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = invoke("check", files("base2.json", profile_report), "--baseline", "/no/such/file.json")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_no_case_in_common(files, profile_report):
+    other = copy.deepcopy(profile_report)
+    for r in other["results"]:
+        r["seq_len"] = 999
+    result = invoke("check", files("now.json", other), "--baseline", files("base.json", profile_report))
+    assert result.exit_code == 2 and "no case in common" in result.stderr
+
+
+def _with_cuda_peak(report, peak):
+    report = copy.deepcopy(report)
+    for r in report["results"]:
+        r["cuda"] = {"peak_allocated_bytes": peak}
+        r["nvml"] = {"available": True, "peak_used_bytes": peak * 2}
+    return report
+
+
+@pytest.mark.parametrize("growth, tolerance, code", [(1.04, None, 0), (1.06, None, 1), (1.06, "10%", 0),
+                                                     (1.06, "0.05", 1)])
+def test_peak_tolerance(files, profile_report, growth, tolerance, code):
+    base = files("base.json", _with_cuda_peak(profile_report, 1_000_000))
+    now = files("now.json", _with_cuda_peak(profile_report, int(1_000_000 * growth)))
+    args = ["check", now, "--baseline", base] + (["--tolerance-peak", tolerance] if tolerance else [])
+    result = invoke(*args)
+    assert result.exit_code == code, result.output
+
+
+def test_time_is_informational_unless_a_tolerance_is_given(files, profile_report):
+    slower = copy.deepcopy(profile_report)
+    for r in slower["results"]:
+        r["step_time_s"]["median"] *= 1.5
+    now, base = files("now.json", slower), files("base.json", profile_report)
+    assert invoke("check", now, "--baseline", base).exit_code == 0
+    assert invoke("check", now, "--baseline", base, "--tolerance-time", "20%").exit_code == 1
+
+
+def test_improvement_passes_and_says_update(files, profile_report):
+    smaller = copy.deepcopy(profile_report)
+    smaller["results"][3]["activation_bytes"] -= 1024
+    result = invoke("check", files("now.json", smaller), "--baseline", files("base.json", profile_report))
+    assert result.exit_code == 0
+    assert "update the baseline to lock this in" in result.stderr and "improved" in result.stdout
+
+
+def test_environment_warning(files, profile_report):
+    other_env = copy.deepcopy(profile_report)
+    other_env["environment"]["torch"] = "9.9.9"
+    result = invoke("check", files("now.json", other_env), "--baseline", files("base.json", profile_report))
+    assert result.exit_code == 0
+    assert "warning: torch version differs" in result.stderr
+
+
+def test_update_round_trip(files, profile_report):
+    bigger = copy.deepcopy(profile_report)
+    bigger["results"][0]["activation_bytes"] += 4096
+    now, base = files("now.json", bigger), files("base.json", profile_report)
+    assert invoke("check", now, "--baseline", base).exit_code == 1
+    assert invoke("check", now, "--baseline", base, "--update").exit_code == 0
+    assert json.loads(base.read_text()) == bigger
+    assert invoke("check", now, "--baseline", base).exit_code == 0
+
+
+def test_check_json_output(files, profile_report):
+    result = invoke("check", files("a.json", profile_report), "--baseline", files("b.json", profile_report), "--json")
+    data = json.loads(result.stdout)
+    assert data["passed"] and data["matched_cases"] == 6 and data["regressions"] == 0
+
+
+def test_profile_with_check_in_one_step(tmp_path):
+    baseline = tmp_path / "baseline.json"
+    args = ["profile", "--model", "roberta-tiny", "--seq-len", "16", "-b", "2", "--rho", "0.5", "--sketch",
+            "countsketch", "--steps", "1", "--warmup", "0", "--device", "cpu"]
+    assert invoke(*args, "-o", baseline).exit_code == 0
+    result = invoke(*args, "--check", baseline)
+    assert result.exit_code == 0, result.output
+    assert "PASS: 2 case(s)" in result.stderr
+    doctored = json.loads(baseline.read_text())
+    doctored["results"][1]["activation_bytes"] -= 1  # the code now "uses one byte more" than the baseline
+    baseline.write_text(json.dumps(doctored))
+    assert invoke(*args, "--check", baseline).exit_code == 1
+    assert invoke(*args, "--check", tmp_path / "missing.json").exit_code == 2
+
+
+# ---------------------------------------------------------------------------- randbp report
+
+
+@pytest.fixture(scope="module")
+def finetune_report():
+    return run_finetune(FinetuneConfig(task="synthetic", rhos=[0.5], compare=True, epochs=2, max_train_samples=64,
+                                       max_eval_samples=32, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def variance_report():
+    return run_variance(VarianceConfig(task="synthetic", max_train_samples=64, batch_size=8, repeats=4, steps=2,
+                                       every=1, layers=["output.dense"], sketches=["gaussian", "countsketch"],
+                                       device="cpu"))
+
+
+def _png_size(path):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.mark.parametrize("kind, size", [("profile", (1100, 480)), ("finetune", (1100, 480)),
+                                        ("variance", (900, 550))])
+def test_each_kind_renders_table_and_plot(tmp_path, files, kind, size, profile_report, finetune_report,
+                                          variance_report):
+    report = {"profile": profile_report, "finetune": finetune_report, "variance": variance_report}[kind]
+    path = files(f"{kind}.json", report)
+    png = tmp_path / f"{kind}.png"
+    result = invoke("report", path, "--plot", png)
+    assert result.exit_code == 0, result.output
+    assert f"randbp {kind}" in result.stdout
+    assert _png_size(png) == size
+
+
+def _parse_markdown_table(text):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert all(len(r) == len(rows[0]) for r in rows)
+    assert all(set(cell) <= set("-:") for cell in rows[1])
+    return rows[0], rows[2:]
+
+
+def test_markdown_table_parses(files, profile_report):
+    result = invoke("report", files("p.json", profile_report), "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    header, rows = _parse_markdown_table(result.stdout)
+    assert header[:3] == ["method", "ρ", "sketch"] and len(rows) == len(profile_report["results"])
+
+
+def test_profiles_merge_into_one_comparison(files, profile_report):
+    other = copy.deepcopy(profile_report)
+    for r in other["results"]:
+        r["seq_len"] = 32
+    result = invoke("report", files("a.json", profile_report), files("b.json", other), "--format", "markdown")
+    _, rows = _parse_markdown_table(result.stdout)
+    assert len(rows) == 2 * len(profile_report["results"])
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda files, p, f: ["/no/such.json"], "does not exist"),
+    (lambda files, p, f: [files("x.json", "]]")], "not valid JSON"),
+    (lambda files, p, f: [files("x.json", '{"a": 1}')], "not a randbp report"),
+    (lambda files, p, f: [files("p.json", p), files("f.json", f)], "different kinds"),
+])
+def test_report_bad_input(files, profile_report, finetune_report, make, needle):
+    result = invoke("report", *make(files, profile_report, finetune_report))
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
