@@ -130,6 +130,11 @@ def profile(
     rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Compression rate in (0, 1]. "
                                                        "Repeat for a sweep. [default: 0.5]")] = None,
     sketch: Annotated[Optional[list[str]], typer.Option("--sketch", help=SKETCH_HELP + " [default: gaussian]")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="Besides the exact baseline: randomized, "
+                                                        "checkpoint (Hugging Face activation checkpointing), "
+                                                        "checkpoint+randomized. Repeatable. [default: randomized]")] = None,
+    budget_mib: Annotated[Optional[float], typer.Option(help="Also find, by measuring, the largest batch whose "
+                                                        "activations fit this many MiB, per method.")] = None,
     batch_size: Annotated[Optional[list[int]], typer.Option("--batch-size", "-b",
                                                             help="Batch size; repeat for several. [default: 8]")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
@@ -159,6 +164,7 @@ def profile(
     from .report import check_writable, profile_table, to_json, write_json_atomic
 
     config = ProfileConfig(model=model, rhos=rho or [0.5], sketches=sketch or ["gaussian"],
+                           methods=method or ["randomized"], budget_mib=budget_mib,
                            batch_sizes=batch_size or [8], seq_len=seq_len, device=device, dtype=dtype,
                            steps=steps, warmup=warmup, seed=seed, isolate=isolate, include=include,
                            exclude=exclude, attn_implementation=attn_implementation, offline=offline)
@@ -336,6 +342,9 @@ def finetune(
                                                        "compression rate; repeat for several runs. Without it: "
                                                        "exact training.")] = None,
     compare: Annotated[bool, typer.Option(help="Add an exact run beside the --rho runs (same data, same seed).")] = False,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="Runs to make: exact, randomized (one per "
+                                                        "--rho), checkpoint, checkpoint+randomized. Repeatable. "
+                                                        "[default: exact and/or randomized from --rho]")] = None,
     sketch: Annotated[str, typer.Option(help=f"Sketch: {', '.join(sketch_names())}.")] = "gaussian",
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -368,7 +377,8 @@ def finetune(
     config = FinetuneConfig(
         **_data_options(task, model, data_dir, train_file, validation_file, text_columns, label_column,
                         max_train_samples, max_eval_samples, offline),
-        rhos=list(rho or []), compare=compare, sketch=sketch, include=include, exclude=exclude, epochs=epochs,
+        rhos=list(rho or []), compare=compare, methods=method, sketch=sketch, include=include, exclude=exclude,
+        epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, max_length=max_length,
         grad_accum=grad_accum, seed=seed, dtype=dtype, device=device,
         save_model=None if save_model is None else str(save_model))
@@ -499,7 +509,11 @@ def _training_progress(should_stop):
     def on_epoch(name, entry):
         metrics = ", ".join(f"{split} {k} {v:.4f}" for split, m in (entry.get("eval") or {}).items()
                             for k, v in m.items() if k != "loss")
-        bar.console.print(f"{name}: epoch {entry['epoch']} train loss {entry['train_loss']:.4f}; {metrics}")
+        line = f"{name}: epoch {entry['epoch']} train loss {entry['train_loss']:.4f}; {metrics}"
+        if err_console.is_terminal:
+            bar.console.print(line, highlight=False)  # above the live bar
+        else:
+            _note(line)
 
     with bar:
         yield TrainCallbacks(on_run_start=on_run_start, on_step=on_step, on_epoch=on_epoch, should_stop=should_stop)

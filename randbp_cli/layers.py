@@ -18,7 +18,10 @@ Only ∂L/∂W is randomized.
 
 Caveats:
   * Nothing is sketched or saved when no weight gradient is needed (`torch.no_grad()`,
-    `requires_grad=False` weights): the layer then runs exactly like `nn.Linear`.
+    `requires_grad=False` weights): the layer then runs exactly like `nn.Linear`. A layer in
+    training mode with a trainable weight still draws its seed under `no_grad`, so that
+    activation checkpointing (a no-grad forward, then a recompute in backward from the same
+    RNG state) sees the same dropout masks and the same sketches in both passes.
   * Under `torch.autocast`, inputs are cast to the autocast dtype first, and the sketch is
     built and stored in that dtype (like the half-precision copy autocast would have saved).
   * Layers that read the same input tensor (Q, K and V of an attention block) share one
@@ -85,6 +88,32 @@ def _sketch_input(anchor: Tensor, x2: Tensor, k: int, plan: SketchPlan) -> tuple
     return seed, saved
 
 
+def _draw_as_a_sketch_would(anchor: Tensor, n_rows: int, plan: SketchPlan) -> None:
+    """Consume the RNG exactly as the grad-enabled call would, without sketching anything.
+
+    NOTE: activation checkpointing runs a training forward under no_grad, then restores the
+    RNG state and recomputes with grad in backward. If the first pass drew no sketch seeds but
+    the recompute did, every later dropout mask in the recompute would differ from the one
+    the loss was computed with. Drawing the same seeds (shared ones once, like the real
+    pass) keeps both passes on one RNG stream, so the recompute is faithful and its sketch
+    seeds equal those of a run without checkpointing.
+    """
+    k = sketch_rows(n_rows, plan.rho, plan.min_rows)
+    if k == 0:
+        return
+    if not plan.share:
+        draw_seed()
+        return
+    key = ("rng-only", plan.sketch.name, k)
+    cache: dict = getattr(anchor, _SHARED_ATTR, None) or {}
+    entry = cache.get(key)
+    if entry is not None and entry.version == anchor._version and plan.owner not in entry.users:
+        entry.users.add(plan.owner)
+        return
+    cache[key] = _SharedSketch(anchor._version, k, draw_seed(), (), {plan.owner})
+    setattr(anchor, _SHARED_ATTR, cache)
+
+
 class RandomizedLinearFunction(torch.autograd.Function):
     """out = x Wᵀ + b; backward: exact dX and db, dW = (Sᵀ dY)ᵀ (Sᵀ X)."""
 
@@ -125,9 +154,16 @@ class RandomizedLinearFunction(torch.autograd.Function):
 
 def randomized_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, rho: float = 0.5,
                       sketch: str | Sketch = "gaussian", min_rows: int = 1, share: bool = True,
-                      owner: int = 0) -> Tensor:
-    """Functional form of `RandomizedLinear`: same output as `F.linear(x, weight, bias)`."""
+                      owner: int = 0, training: bool = False) -> Tensor:
+    """Functional form of `RandomizedLinear`: same output as `F.linear(x, weight, bias)`.
+
+    `training=True` marks a training forward: run under no_grad (checkpointing's first pass),
+    it still draws the seeds it would sketch with, so the RNG stream matches the recompute.
+    """
     if not (torch.is_grad_enabled() and weight.requires_grad):
+        if training and weight.requires_grad and x.dim() > 0:
+            plan = SketchPlan(get_sketch(sketch), check_rho(rho), _check_min_rows(min_rows), share, owner)
+            _draw_as_a_sketch_would(x, x.numel() // max(x.shape[-1], 1), plan)
         return F.linear(x, weight, bias)  # no weight gradient: nothing to sketch (METHOD §4.3)
     plan = SketchPlan(get_sketch(sketch), check_rho(rho), _check_min_rows(min_rows), share, owner)
     device_type = x.device.type
@@ -184,7 +220,8 @@ class RandomizedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return randomized_linear(x, self.weight, self.bias, rho=self.rho, sketch=self.sketch,
-                                 min_rows=self.min_rows, share=self.share_sketch, owner=id(self))
+                                 min_rows=self.min_rows, share=self.share_sketch, owner=id(self),
+                                 training=self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rho={self.rho}, sketch={self.sketch.name}"

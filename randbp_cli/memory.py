@@ -328,3 +328,53 @@ class NvmlSampler:
             return dict(self._info)
         return {**self._info, "peak_used_bytes": self._peak, "baseline_used_bytes": self._baseline,
                 "samples": self._samples, "interval_s": self.interval_s}
+
+
+class RecomputeCounter(SavedTensorCounter):
+    """Bytes each checkpointed unit saves while it is recomputed during backward.
+
+        with RecomputeCounter(model, units=["roberta.encoder.layer.0", ...]) as counter:
+            loss.backward()
+        counter.unit_bytes()  # {"roberta.encoder.layer.0": ..., ...}
+
+    Activation checkpointing keeps only each unit's input between the passes; in backward it
+    recomputes one unit at a time, and what that recompute saves is alive until the unit's
+    backward is done. The largest unit is what checkpointing adds to the stored bytes at the
+    peak. Storages are counted per unit (freed memory is reused between units, so one global
+    set of storage keys would merge unrelated tensors).
+    """
+
+    def __init__(self, model: nn.Module, units: Iterable[str]) -> None:
+        super().__init__(model)
+        self.units = sorted(units, key=len, reverse=True)  # the most specific prefix first
+        self._per_unit: dict[str, dict] = defaultdict(dict)
+
+    def _unit_of(self, name: str) -> str | None:
+        for unit in self.units:
+            if name == unit or name.startswith(unit + "."):
+                return unit
+        return None
+
+    def _pack(self, t: Tensor) -> Tensor:
+        unit = self._unit_of(self._stack[-1][0]) if self._stack else None
+        key = _storage_key(t)
+        if unit is None or key is None or key in self._excluded:
+            return t
+        nbytes = _storage_bytes(t)
+        if nbytes:
+            self._per_unit[unit][key] = nbytes
+        return t
+
+    def unit_bytes(self) -> dict[str, int]:
+        return {unit: sum(storages.values()) for unit, storages in self._per_unit.items()}
+
+
+def checkpoint_units(model: nn.Module) -> list[str]:
+    """Names of the layers Hugging Face checkpoints (each GradientCheckpointingLayer switched on)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: the flag alone, on modules below the model
+        GradientCheckpointingLayer = nn.Module
+    return [name for name, module in model.named_modules()
+            if name and isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False)
+            and not hasattr(module, "config")]

@@ -25,11 +25,14 @@ from torch import nn
 
 from .convert import convert, converted_names, restore
 from .errors import ConfigError, DeviceError
-from .memory import NvmlSampler, count_saved_bytes, cuda_step_memory, summarize_times, time_call
+from .memory import (NvmlSampler, RecomputeCounter, checkpoint_units, count_saved_bytes, cuda_step_memory,
+                     summarize_times, time_call)
 from .models import load_model, max_sequence_length
 from .sketches import check_rho, get_sketch
 
 SCHEMA = "randbp.profile/1"
+# exact is always measured (the baseline); the others are chosen with --method
+METHODS = ("exact", "randomized", "checkpoint", "checkpoint+randomized")
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -75,24 +78,34 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class ProfileCase:
-    method: str  # "exact" or "randomized"
+    method: str  # one of METHODS
     rho: float | None
     sketch: str | None
     batch_size: int
 
     @property
+    def randomized(self) -> bool:
+        return self.method.endswith("randomized")
+
+    @property
+    def checkpointed(self) -> bool:
+        return self.method.startswith("checkpoint")
+
+    @property
     def label(self) -> str:
-        if self.method == "exact":
-            return f"exact b={self.batch_size}"
-        return f"{self.sketch} rho={self.rho} b={self.batch_size}"
+        what = f"{self.sketch} rho={self.rho}" if self.randomized else self.method
+        if self.method == "checkpoint+randomized":
+            what = f"checkpoint+{what}"
+        return f"{what} b={self.batch_size}"
 
 
 @dataclass
 class ProfileConfig:
     model: str = "roberta-base"
-    rhos: Sequence[float] = (0.5,)
-    sketches: Sequence[str] = ("gaussian",)
-    batch_sizes: Sequence[int] = (8,)
+    rhos: Sequence[float] = field(default_factory=lambda: [0.5])
+    sketches: Sequence[str] = field(default_factory=lambda: ["gaussian"])
+    methods: Sequence[str] = field(default_factory=lambda: ["randomized"])  # besides the exact baseline
+    batch_sizes: Sequence[int] = field(default_factory=lambda: [8])
     seq_len: int = 128
     device: str = "auto"
     dtype: str = "float32"
@@ -106,8 +119,15 @@ class ProfileConfig:
     offline: bool = False
     num_labels: int = 2
     lr: float = 1e-5
+    budget_mib: float | None = None  # find the largest batch whose activations fit this budget
+    budget_max_batch: int = 1024
 
     def validate(self) -> None:
+        for method in self.methods:
+            if method not in METHODS:
+                raise ConfigError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+        if self.budget_mib is not None and not self.budget_mib > 0:
+            raise ConfigError(f"--budget-mib must be positive (got {self.budget_mib})")
         if not self.rhos:
             raise ConfigError("give at least one --rho")
         for rho in self.rhos:
@@ -130,12 +150,16 @@ class ProfileConfig:
         resolve_dtype(self.dtype)
 
     def cases(self) -> list[ProfileCase]:
+        methods = [m for m in METHODS if m in self.methods or m == "exact"]
+        sketches = list(dict.fromkeys(get_sketch(s).name for s in self.sketches))
+        rhos = list(dict.fromkeys(float(r) for r in self.rhos))
         cases = []
         for batch in dict.fromkeys(self.batch_sizes):
-            cases.append(ProfileCase("exact", None, None, batch))
-            for sketch in dict.fromkeys(get_sketch(s).name for s in self.sketches):
-                for rho in dict.fromkeys(float(r) for r in self.rhos):
-                    cases.append(ProfileCase("randomized", rho, sketch, batch))
+            for method in methods:
+                if method.endswith("randomized"):
+                    cases += [ProfileCase(method, rho, sketch, batch) for sketch in sketches for rho in rhos]
+                else:
+                    cases.append(ProfileCase(method, None, None, batch))
         return cases
 
 
@@ -173,7 +197,8 @@ class _Trainer:
 
     def apply(self, case: ProfileCase) -> None:
         self.model = restore(self.model)
-        if case.method == "randomized":
+        set_checkpointing(self.model, case.checkpointed)
+        if case.randomized:
             self.model = convert(self.model, case.rho, sketch=case.sketch,
                                  include=self.config.include, exclude=self.config.exclude)
         self.randomized_layers = len(converted_names(self.model))
@@ -189,6 +214,30 @@ class _Trainer:
     def step(self, case: ProfileCase) -> None:
         self.backward_and_step(self.forward(case))
 
+    def count(self, case: ProfileCase, batch: dict, step: bool = True) -> dict:
+        """Saved bytes of one forward on `batch` (and, when checkpointed, of each recompute)."""
+        loss, stats = count_saved_bytes(lambda: self.model(**batch).loss, self.model, exclude=batch.values())
+        out = {"activation_bytes": stats.total_bytes, "activation_bytes_by_kind": dict(stats.by_kind),
+               "activation_bytes_by_module": stats.by_module_folded(), "saved_storages": stats.storages}
+        if case.checkpointed:
+            units = checkpoint_units(self.model)
+            with RecomputeCounter(self.model, units) as recompute:
+                loss.backward()
+            per_unit = recompute.unit_bytes()
+            largest = max(per_unit.values(), default=0)
+            out["checkpointing"] = {"units": len(units), "recompute_unit_bytes": largest,
+                                    "note": "each unit's input is kept; one unit at a time is recomputed "
+                                            "in backward (reentrant torch.utils.checkpoint)"}
+            out["activation_peak_bytes"] = stats.total_bytes + largest
+        else:
+            out["activation_peak_bytes"] = stats.total_bytes
+            if step:
+                loss.backward()
+        if step:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
     def measure_memory(self, case: ProfileCase) -> dict:
         if self.device.type == "cuda":
             gc.collect()
@@ -196,22 +245,62 @@ class _Trainer:
         with NvmlSampler(self.device) as sampler:
             for _ in range(self.config.warmup):
                 self.step(case)
-            batch = self.batches[case.batch_size]
-            loss, stats = count_saved_bytes(lambda: self.forward(case), self.model, exclude=batch.values())
-            self.backward_and_step(loss)
-            del loss
+            counted = self.count(case, self.batches[case.batch_size])
             cuda = None
             if self.device.type == "cuda":
                 cuda = cuda_step_memory(lambda: self.forward(case), self.backward_and_step, self.device)
-        return {
-            "activation_bytes": stats.total_bytes,
-            "activation_bytes_by_kind": dict(stats.by_kind),
-            "activation_bytes_by_module": stats.by_module_folded(),
-            "saved_storages": stats.storages,
-            "randomized_layers": self.randomized_layers,
-            "cuda": cuda,
-            "nvml": sampler.result() if self.device.type == "cuda" else None,
-        }
+        return {**counted, "randomized_layers": self.randomized_layers, "cuda": cuda,
+                "nvml": sampler.result() if self.device.type == "cuda" else None}
+
+    def peak_bytes_at(self, case: ProfileCase, batch_size: int) -> int:
+        """activation_peak_bytes of `case` at another batch size (no optimizer step)."""
+        batch = make_batch(self.model, batch_size, self.config.seq_len, self.config.seed, self.device,
+                           self.config.num_labels)
+        return self.count(case, batch, step=False)["activation_peak_bytes"]
+
+    def largest_batch_within(self, case: ProfileCase, budget_bytes: float) -> dict:
+        """The largest batch whose activation peak fits `budget_bytes`, found by measuring.
+
+        Saved bytes grow linearly with the batch at a fixed length, so two measurements
+        (batch 1 and 2) predict the answer; it is then confirmed by measuring there and one
+        above, stepping until the boundary is measured on both sides.
+        """
+        limit = self.config.budget_max_batch
+        one, two = self.peak_bytes_at(case, 1), self.peak_bytes_at(case, 2)
+        measured = {1: one, 2: two}
+        per_sample = max(two - one, 1)
+        guess = int((budget_bytes - (one - per_sample)) // per_sample)
+        guess = max(1, min(limit, guess))
+
+        def fits(batch: int) -> bool:
+            if batch not in measured:
+                measured[batch] = self.peak_bytes_at(case, batch)
+            return measured[batch] <= budget_bytes
+
+        if not fits(1):
+            best = 0
+        else:
+            best = guess
+            while best > 1 and not fits(best):
+                best -= 1
+            while best < limit and fits(best + 1):
+                best += 1
+        return {"budget_bytes": budget_bytes, "max_batch_size": best,
+                "activation_peak_bytes": measured.get(best), "capped": best == limit,
+                "measured": {str(k): v for k, v in sorted(measured.items())}}
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Hugging Face activation checkpointing, reentrant, so its saved inputs pass our hooks."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if on:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        else:  # transformers < 5
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
 
 
 def _case_result(case: ProfileCase, config: ProfileConfig, device: torch.device, model_name: str) -> dict:
@@ -245,6 +334,17 @@ def _profile_in_process(loaded_model: nn.Module, model_name: str, config: Profil
             done += 1
     for result, case_samples in zip(results, samples):
         result["step_time_s"] = summarize_times(case_samples)
+    if config.budget_mib is not None:
+        seen = set()
+        for result, case in zip(results, cases):
+            key = (case.method, case.rho, case.sketch)
+            if key in seen:
+                continue
+            seen.add(key)
+            if progress:
+                progress(f"budget {config.budget_mib:g} MiB: {case.label}", done)
+            trainer.apply(case)
+            result["budget"] = trainer.largest_batch_within(case, config.budget_mib * 2**20)
     trainer.apply(ProfileCase("exact", None, None, cases[0].batch_size))
     if progress:
         progress("done", done)
@@ -300,7 +400,9 @@ def run_profile(config: ProfileConfig, progress: Progress | None = None) -> dict
     return {
         "schema": SCHEMA,
         "environment": environment(device),
-        "config": {**asdict(config), "device": str(device), "dtype": dtype_name(dtype)},
+        "config": {**asdict(config), "rhos": list(config.rhos), "sketches": list(config.sketches),
+                   "methods": list(config.methods), "batch_sizes": list(config.batch_sizes),
+                   "device": str(device), "dtype": dtype_name(dtype)},
         "model": {**loaded.describe(), "max_seq_len": limit},
         "results": results,
     }
@@ -314,9 +416,26 @@ def _add_comparisons(results: list[dict]) -> None:
         if base is None:
             continue
         r["activation_saving_vs_exact"] = 1 - r["activation_bytes"] / base["activation_bytes"]
-        linear_only = base["activation_bytes_by_kind"]["linear_inputs"]
-        rho = 1.0 if r["rho"] is None else r["rho"]
-        # the most sketching can save: every input kept only by linear layers shrinks to ρ of itself
-        r["activation_limit_bytes"] = base["activation_bytes"] - (1 - rho) * linear_only
+        r["activation_peak_saving_vs_exact"] = 1 - r["activation_peak_bytes"] / base["activation_peak_bytes"]
+        if r["method"] in ("exact", "randomized"):
+            linear_only = base["activation_bytes_by_kind"]["linear_inputs"]
+            rho = 1.0 if r["rho"] is None else r["rho"]
+            # the most sketching can save: every input kept only by linear layers shrinks to ρ of itself
+            r["activation_limit_bytes"] = base["activation_bytes"] - (1 - rho) * linear_only
         base_time = base["step_time_s"]["median"]
         r["time_ratio_vs_exact"] = (r["step_time_s"]["median"] / base_time) if base_time else None
+    # what each part of checkpoint+randomized contributed, against plain checkpointing
+    checkpoint = {r["batch_size"]: r for r in results if r["method"] == "checkpoint"}
+    for r in results:
+        ckpt, base = checkpoint.get(r["batch_size"]), exact.get(r["batch_size"])
+        if r["method"] != "checkpoint+randomized" or ckpt is None or base is None:
+            continue
+        r["contributions"] = {
+            "checkpointing_stored_bytes_saved": base["activation_bytes"] - ckpt["activation_bytes"],
+            "randomized_stored_bytes_saved": ckpt["activation_bytes"] - r["activation_bytes"],
+            "randomized_recompute_bytes_saved": ckpt["checkpointing"]["recompute_unit_bytes"]
+                                                - r["checkpointing"]["recompute_unit_bytes"],
+            "note": "checkpointing keeps only each layer's input between the passes; the randomized "
+                    "layers shrink what one layer saves while it is recomputed in backward (and what "
+                    "layers outside the checkpointed units keep)",
+        }

@@ -155,22 +155,31 @@ def profile_table(report: dict) -> Table:
     model = report.get("model", {})
     show_cuda = any(r.get("cuda") for r in results)
     show_nvml = any((r.get("nvml") or {}).get("available") for r in results)
+    show_peak = any(r.get("checkpointing") for r in results)
+    show_budget = any(r.get("budget") for r in results)
     title = f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
     table = Table(title=title, caption=_profile_caption(report), title_justify="left")
     for column, justify in [("method", "left"), ("ρ", "right"), ("sketch", "left"), ("batch", "right"),
                             ("seq", "right"), ("activations MiB", "right"), ("vs exact", "right")]:
         table.add_column(column, justify=justify, no_wrap=True)
+    if show_peak:
+        table.add_column("act. peak MiB", justify="right", no_wrap=True)
     if show_cuda:
         table.add_column("CUDA peak MiB", justify="right", no_wrap=True)
     if show_nvml:
         table.add_column("NVML peak MiB", justify="right", no_wrap=True)
     table.add_column("step ms", justify="right", no_wrap=True)
     table.add_column("time × exact", justify="right", no_wrap=True)
+    if show_budget:
+        budget = next(r["budget"] for r in results if r.get("budget"))
+        table.add_column(f"max batch ≤ {budget['budget_bytes'] / MiB:g} MiB", justify="right", no_wrap=True)
     for r in results:
         saving = r.get("activation_saving_vs_exact")
         row = [r["method"], "—" if r["rho"] is None else f"{r['rho']:g}", r.get("sketch") or "—",
                str(r["batch_size"]), str(r["seq_len"]), _mib(r["activation_bytes"]),
                "baseline" if r["method"] == "exact" else ("—" if saving is None else f"{-100 * saving:+.1f}%")]
+        if show_peak:
+            row.append(_mib(r.get("activation_peak_bytes", r["activation_bytes"])))
         if show_cuda:
             row.append(_mib((r.get("cuda") or {}).get("peak_allocated_bytes")))
         if show_nvml:
@@ -178,6 +187,9 @@ def profile_table(report: dict) -> Table:
         median = (r.get("step_time_s") or {}).get("median")
         ratio = r.get("time_ratio_vs_exact")
         row += ["—" if median is None else f"{1000 * median:,.1f}", "—" if ratio is None else f"{ratio:.2f}×"]
+        if show_budget:
+            found = r.get("budget")
+            row.append("" if not found else f"{found['max_batch_size']}{'+' if found['capped'] else ''}")
         table.add_row(*row, style="bold" if r["method"] == "exact" else None)
     return table
 

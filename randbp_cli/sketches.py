@@ -150,16 +150,20 @@ class CountSketch(Sketch):
     description = "one random ±1 per token row (sparse sign), linear cost"
 
     @staticmethod
-    def _hash(n: int, k: int, seed: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        gen = _generator(like.device, seed)
-        bucket = torch.randint(0, k, (n,), generator=gen, device=like.device)
-        sign = torch.empty(n, 1, device=like.device, dtype=like.dtype)
-        sign.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
-        return bucket, sign
+    def _buckets(n: int, k: int, seed: int, device: torch.device) -> Tensor:
+        """h(i) + k·[sᵢ = −1]: the bucket and the sign of every row folded into one index."""
+        gen = _generator(device, seed)
+        bucket = torch.randint(0, k, (n,), generator=gen, device=device)
+        negative = torch.empty(n, device=device).bernoulli_(0.5, generator=gen).to(torch.int64)
+        return bucket + k * negative
 
     def _apply(self, a: Tensor, k: int, seed: int) -> Tensor:
-        bucket, sign = self._hash(a.shape[0], k, seed, a)
-        return a.new_zeros(k, a.shape[1]).index_add_(0, bucket, a * sign)
+        # NOTE: scatter-adding rows into 2k buckets (positive and negative signs apart) and
+        # subtracting the halves avoids materialising the signed copy a·s (N × d), which on a
+        # CPU cost several times more than the scatter itself.
+        index = self._buckets(a.shape[0], k, seed, a.device)
+        halves = a.new_zeros(2 * k, a.shape[1]).index_add_(0, index, a)
+        return halves[:k] - halves[k:]
 
     def compress(self, x, k, seed):
         return (self._apply(x, k, seed),)
@@ -172,8 +176,169 @@ class CountSketch(Sketch):
         return (xy + grad - 2 * diag) / k
 
 
+def _hadamard_rows(a: Tensor) -> Tensor:
+    """H·a for the orthonormal Walsh–Hadamard H of order n = len(a) (a power of two), O(n·d·log n)."""
+    n, d = a.shape
+    h = 1
+    while h < n:
+        pairs = a.view(n // (2 * h), 2, h, d)
+        a = torch.stack((pairs[:, 0] + pairs[:, 1], pairs[:, 0] - pairs[:, 1]), dim=1).view(n, d)
+        h *= 2
+    return a.mul_(1.0 / math.sqrt(n))
+
+
+class SRHTSketch(Sketch):
+    """Subsampled randomized Hadamard transform: Sᵀ = √(n/k) · R · H · D.
+
+    D flips the sign of each token row at random, H is the orthonormal Walsh–Hadamard transform
+    along tokens (rows zero-padded to n, the next power of two), and R keeps k of the n
+    transformed rows, uniformly without replacement. E[RᵀR] = (k/n)·I, so E[S Sᵀ] = D Hᵀ H D = I.
+    The scale is √(n/k) — the reference implementation's DCT was k² off here (METHOD §4.5).
+    Cost O(N·d·log N).
+    """
+
+    name = "srht"
+    cost = "O(N·d·log N)"
+    description = "random signs, Walsh–Hadamard transform along tokens, k rows kept"
+
+    @staticmethod
+    def _padded(n: int) -> int:
+        return 1 << max(0, (n - 1).bit_length())
+
+    def _apply(self, a: Tensor, k: int, seed: int) -> Tensor:
+        n_rows, d = a.shape
+        n = self._padded(n_rows)
+        gen = _generator(a.device, seed)
+        signs = torch.empty(n_rows, 1, device=a.device, dtype=a.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+        keep = torch.randperm(n, generator=gen, device=a.device)[:k]
+        padded = a.new_zeros(n, d)
+        padded[:n_rows] = a * signs
+        return _hadamard_rows(padded)[keep].mul_(math.sqrt(n / k))
+
+    def compress(self, x, k, seed):
+        return (self._apply(x, k, seed),)
+
+    def compress_grad(self, y, k, seed, saved):
+        return self._apply(y, k, seed)
+
+    def variance(self, x, y, k):
+        # Every |Hⱼᵢ|² = 1/n, so averaging over the signs D gives the Rademacher terms; sampling k
+        # of n rows without replacement adds the finite-population factor (n − k)/(n − 1).
+        n = self._padded(x.reshape(-1, x.shape[-1]).shape[0])
+        if n <= 1:
+            return 0.0
+        xy, grad, diag = _frobenius_terms(x, y)
+        return (n - k) / ((n - 1) * k) * (xy + grad - 2 * diag)
+
+
+def _row_norm_probabilities(x: Tensor) -> Tensor:
+    """pᵢ ∝ ‖xᵢ‖ in float32 (uniform when every row is zero)."""
+    norms = x.float().norm(dim=1)
+    total = norms.sum()
+    if not total > 0:
+        return torch.full_like(norms, 1.0 / len(norms))
+    return norms / total
+
+
+class CRSSketch(Sketch):
+    """Column-row sampling: k token rows drawn with replacement, pᵢ ∝ ‖xᵢ‖, scaled 1/√(k·pᵢ).
+
+    The forward pass knows X, so the probabilities use ‖xᵢ‖ only. Ĝ = (1/k)Σₜ y_{iₜ}x_{iₜ}ᵀ/p_{iₜ}
+    is unbiased. What is stored is real (scaled) rows of X plus their indices and scales; the
+    backward pass gathers the same rows of Y. Cost O(N·d).
+    """
+
+    name = "crs"
+    cost = "O(N·d)"
+    description = "k token rows sampled with replacement, p ∝ ‖xᵢ‖"
+
+    def compress(self, x, k, seed):
+        probabilities = _row_norm_probabilities(x)
+        gen = _generator(x.device, seed)
+        index = torch.multinomial(probabilities, k, replacement=True, generator=gen)
+        scale = (1.0 / torch.sqrt(k * probabilities[index])).to(x.dtype)
+        return x[index] * scale[:, None], index, scale
+
+    def compress_grad(self, y, k, seed, saved):
+        _, index, scale = saved
+        return y[index] * scale[:, None]
+
+    def variance(self, x, y, k):
+        x = x.reshape(-1, x.shape[-1]).double()
+        y = y.reshape(-1, y.shape[-1]).double()
+        p = _row_norm_probabilities(x).double()
+        terms = x.square().sum(1) * y.square().sum(1)
+        used = p > 0  # rows with pᵢ = 0 have xᵢ = 0: their gradient term is 0 and never sampled
+        grad = float((x.T @ y).square().sum())
+        return (float((terms[used] / p[used]).sum()) - grad) / k
+
+
+class WTACRSSketch(Sketch):
+    """Winner-take-all CRS (after WTA-CRS, arXiv 2305.15265): the c = ⌊k/2⌋ rows with the
+    largest ‖xᵢ‖ are kept exactly (scale 1; all of them when k = N); the other k − c rows are sampled with replacement
+    from the remaining rows with qⱼ ∝ ‖xⱼ‖ and scaled 1/√((k − c)·qⱼ). Unbiased: the kept rows
+    contribute their exact gradient terms, the sample estimates the rest.
+
+    Where it departs from the published method: (1) probabilities come from ‖xᵢ‖ alone, which
+    the forward pass has — the paper uses ‖xᵢ‖·‖yᵢ‖ with gradient norms cached from the
+    previous epoch; (2) the deterministic set has the fixed size ⌊k/2⌋ instead of the size the
+    paper picks from the probability mass; (3) nothing is cached between steps. Cost O(N·d).
+    """
+
+    name = "wta-crs"
+    cost = "O(N·d)"
+    description = "top ⌊k/2⌋ rows by ‖xᵢ‖ kept, the rest sampled (p ∝ ‖xᵢ‖)"
+
+    @staticmethod
+    def _split(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(kept indices, remaining indices, probabilities over the remaining rows)."""
+        n = x.shape[0]
+        c = n if k >= n else k // 2  # k = N: keep every row, the estimate is exact
+        norms = x.float().norm(dim=1)
+        order = torch.argsort(norms, descending=True, stable=True)
+        kept, rest = order[:c], order[c:]
+        rest_norms = norms[rest]
+        total = rest_norms.sum()
+        if len(rest) and not total > 0:
+            probabilities = torch.full_like(rest_norms, 1.0 / len(rest))
+        else:
+            probabilities = rest_norms / total if len(rest) else rest_norms
+        return kept, rest, probabilities
+
+    def compress(self, x, k, seed):
+        kept, rest, probabilities = self._split(x, k)
+        sampled = k - len(kept)
+        if sampled == 0 or len(rest) == 0:  # k ≥ N: every row kept, exact
+            index = kept
+            scale = torch.ones(len(index), device=x.device, dtype=x.dtype)
+        else:
+            gen = _generator(x.device, seed)
+            pick = torch.multinomial(probabilities, sampled, replacement=True, generator=gen)
+            index = torch.cat([kept, rest[pick]])
+            scale = torch.cat([torch.ones(len(kept), device=x.device),
+                               1.0 / torch.sqrt(sampled * probabilities[pick])]).to(x.dtype)
+        return x[index] * scale[:, None], index, scale
+
+    def compress_grad(self, y, k, seed, saved):
+        _, index, scale = saved
+        return y[index] * scale[:, None]
+
+    def variance(self, x, y, k):
+        x = x.reshape(-1, x.shape[-1]).double()
+        y = y.reshape(-1, y.shape[-1]).double()
+        kept, rest, q = self._split(x, k)
+        sampled = k - len(kept)
+        if sampled == 0 or len(rest) == 0:
+            return 0.0
+        xr, yr, q = x[rest], y[rest], q.double()
+        terms = xr.square().sum(1) * yr.square().sum(1)
+        used = q > 0
+        grad_rest = float((xr.T @ yr).square().sum())
+        return (float((terms[used] / q[used]).sum()) - grad_rest) / sampled
+
+
 SKETCHES: dict[str, type[Sketch]] = {
-    cls.name: cls for cls in (GaussianSketch, RademacherSketch, CountSketch)
+    cls.name: cls for cls in (GaussianSketch, RademacherSketch, CountSketch, SRHTSketch, CRSSketch, WTACRSSketch)
 }
 
 
@@ -191,6 +356,9 @@ def get_sketch(sketch: str | Sketch) -> Sketch:
         raise ConfigError(
             f"unknown sketch {sketch!r}: choose one of {', '.join(SKETCHES)}"
         ) from None
+
+
+DATA_DEPENDENT = ("crs", "wta-crs")  # S depends on X (row norms): no fixed matrix per seed
 
 
 def sketch_matrix(sketch: str | Sketch, n_rows: int, k: int, seed: int,

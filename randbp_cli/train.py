@@ -28,9 +28,9 @@ import torch
 
 from .convert import convert, converted_names, restore
 from .errors import ConfigError
-from .memory import NvmlSampler, SavedTensorCounter, synchronize
+from .memory import NvmlSampler, RecomputeCounter, SavedTensorCounter, checkpoint_units, synchronize
 from .models import LoadedModel, load_model, max_sequence_length
-from .profiling import dtype_name, resolve_device, resolve_dtype
+from .profiling import dtype_name, resolve_device, resolve_dtype, set_checkpointing
 from .sketches import check_rho, get_sketch
 from .tasks import (TaskData, compute_metrics, get_task, load_custom, load_glue_dir, load_glue_hub,
                     synthetic_task)
@@ -46,6 +46,7 @@ class FinetuneConfig:
     model: str | None = None  # roberta-base; roberta-tiny for the synthetic task
     rhos: list[float] = field(default_factory=list)  # empty: exact training only
     compare: bool = False  # add an exact run beside the randomized ones
+    methods: list[str] | None = None  # explicit: exact, randomized, checkpoint, checkpoint+randomized
     sketch: str = "gaussian"
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -76,6 +77,13 @@ class FinetuneConfig:
     save_model: str | None = None
 
     def validate(self) -> None:
+        from .profiling import METHODS
+
+        for method in self.methods or []:
+            if method not in METHODS:
+                raise ConfigError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+            if method.endswith("randomized") and not self.rhos:
+                raise ConfigError(f"--method {method} needs at least one --rho")
         for rho in self.rhos:
             check_rho(rho)
         get_sketch(self.sketch)
@@ -106,10 +114,17 @@ class FinetuneConfig:
         return SYNTHETIC_DEFAULT_MODEL if self.task == "synthetic" and not self.custom_data else DEFAULT_MODEL
 
     def runs(self) -> list[tuple[str, float | None]]:
+        """(method, ρ) per run: --method when given, else exact and/or one randomized run per ρ."""
+        rhos = [float(rho) for rho in dict.fromkeys(self.rhos)]
+        if self.methods:
+            from .profiling import METHODS
+
+            chosen = [m for m in METHODS if m in self.methods or (m == "exact" and self.compare)]
+        else:
+            chosen = (["exact"] if not rhos or self.compare else []) + (["randomized"] if rhos else [])
         runs: list[tuple[str, float | None]] = []
-        if not self.rhos or self.compare:
-            runs.append(("exact", None))
-        runs += [("randomized", float(rho)) for rho in dict.fromkeys(self.rhos)]
+        for method in chosen:
+            runs += [(method, rho) for rho in rhos] if method.endswith("randomized") else [(method, None)]
         return runs
 
 
@@ -256,7 +271,9 @@ def evaluate(model, loader, spec, device) -> dict:
 
 
 def _run_name(method: str, rho: float | None, sketch: str) -> str:
-    return "exact" if method == "exact" else f"{sketch} rho={rho:g}"
+    if not method.endswith("randomized"):
+        return method
+    return f"{'checkpoint+' if method.startswith('checkpoint') else ''}{sketch} rho={rho:g}"
 
 
 def _batch_tokens(batch) -> int:
@@ -280,7 +297,9 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
                             offline=config.offline, seed=config.seed)
     model = loaded.model.to(device)
     model.train()
-    if method == "randomized":
+    checkpointed = method.startswith("checkpoint")
+    set_checkpointing(model, checkpointed)
+    if method.endswith("randomized"):
         model = convert(model, rho, sketch=config.sketch, include=config.include, exclude=config.exclude)
     converted = converted_names(model)
 
@@ -300,7 +319,8 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
         callbacks.on_run_start(name, total_steps)
 
     record: dict = {"name": name, "method": method, "rho": rho,
-                    "sketch": get_sketch(config.sketch).name if method == "randomized" else None,
+                    "sketch": get_sketch(config.sketch).name if method.endswith("randomized") else None,
+                    "checkpointing": checkpointed,
                     "status": "completed",
                     "converted_layers": {"count": len(converted), "names": converted},
                     "hyperparameters": {"batch_size": batch_size, "lr": lr, "epochs": epochs,
@@ -326,9 +346,15 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
                     memory.update(activation_bytes=stats.total_bytes,
                                   activation_bytes_by_kind=dict(stats.by_kind),
                                   probe_batch_shape=list(batch["input_ids"].shape))
+                    with RecomputeCounter(model, checkpoint_units(model)) as recompute:
+                        (loss / config.grad_accum).backward()
+                    largest = max(recompute.unit_bytes().values(), default=0)
+                    memory["activation_peak_bytes"] = stats.total_bytes + largest
+                    if checkpointed:
+                        memory["recompute_unit_bytes"] = largest
                 else:
                     loss = model(**batch).loss
-                (loss / config.grad_accum).backward()
+                    (loss / config.grad_accum).backward()
                 epoch_loss += loss.item()
                 epoch_batches += 1
                 tokens += _batch_tokens(batch)

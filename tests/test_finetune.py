@@ -171,3 +171,22 @@ def test_bad_data_files(tmp_path, problem, needle):
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()  # no partial report
+
+
+def test_checkpoint_methods_side_by_side():
+    result = _finetune(["--task", "synthetic", "--method", "checkpoint", "--method", "checkpoint+randomized",
+                        "--rho", "0.5", "--sketch", "crs", "--compare", "--max-steps", "4", "--max-train-samples",
+                        "128", "--max-eval-samples", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    runs = {r["name"]: r for r in json.loads(result.stdout)["runs"]}
+    assert list(runs) == ["exact", "checkpoint", "checkpoint+crs rho=0.5"]
+    exact, ckpt, both = runs.values()
+    assert ckpt["checkpointing"] and both["checkpointing"] and not exact["checkpointing"]
+    assert ckpt["memory"]["activation_bytes"] < exact["memory"]["activation_bytes"] / 4
+    assert both["memory"]["recompute_unit_bytes"] < ckpt["memory"]["recompute_unit_bytes"]
+    assert both["converted_layers"]["count"] == 14 and ckpt["converted_layers"]["count"] == 0
+
+
+def test_randomized_method_needs_rho():
+    result = _finetune(["--task", "synthetic", "--method", "checkpoint+randomized"])
+    assert result.exit_code == 2 and "needs at least one --rho" in result.stderr

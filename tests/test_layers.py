@@ -21,6 +21,14 @@ def _pair(d_in=6, d_out=5, bias=True, sketch="gaussian", rho=0.5, dtype=torch.fl
     return plain, randomized
 
 
+def _saved_bytes(sketch, n_rows, features, dtype, rho=0.5):
+    """What the sketch keeps for N rows: Sᵀx, plus indices and scales for row sampling."""
+    from randbp_cli.sketches import get_sketch, sketch_rows
+
+    saved = get_sketch(sketch).compress(torch.randn(n_rows, features).to(dtype), sketch_rows(n_rows, rho), 0)
+    return sum(t.numel() * t.element_size() for t in saved)
+
+
 def _grads(layer, x, grad_out):
     x = x.detach().clone().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
@@ -100,7 +108,7 @@ def test_dtypes(sketch, dtype):
     assert layer.weight.grad.dtype == dtype and torch.isfinite(layer.weight.grad).all()
     assert x.grad.dtype == dtype
     stats = counter.stats()
-    assert stats.by_kind["sketches"] == 8 * 6 * torch.empty((), dtype=dtype).element_size()
+    assert stats.by_kind["sketches"] == _saved_bytes(sketch, 16, 6, dtype)
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)
@@ -115,7 +123,7 @@ def test_autocast_cpu_bfloat16(sketch):
     assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
     assert x.grad.dtype == torch.float32
     stats = counter.stats()
-    assert stats.by_kind["sketches"] == 8 * 6 * 2  # the sketch is kept in bfloat16
+    assert stats.by_kind["sketches"] == _saved_bytes(sketch, 16, 6, torch.bfloat16)  # kept in bfloat16
     assert stats.by_kind["weight_copies"] == 5 * 6 * 2  # autocast's bf16 copy of W, as nn.Linear keeps
 
 
@@ -226,3 +234,40 @@ def test_in_place_change_invalidates_the_shared_sketch():
     (out_a.sum() + out_b.sum()).backward()
     stats = counter.stats()
     assert stats.by_kind["sketches"] == 2 * 4 * 4 * 4 and stats.storages == 2  # two separate sketches
+
+
+class _Block(nn.Module):
+    """Dropout before and between randomized layers (Q, K, V share an input), as in a Transformer."""
+
+    def __init__(self, sketch="countsketch"):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+        self.q, self.k, self.v = (RandomizedLinear(8, 8, rho=0.5, sketch=sketch) for _ in range(3))
+        self.out = RandomizedLinear(8, 4, rho=0.5, sketch=sketch)
+
+    def forward(self, x):
+        h = self.drop(x)
+        mixed = self.q(h) * self.k(h) + self.v(h)
+        return self.out(self.drop(torch.tanh(mixed)))
+
+
+@pytest.mark.parametrize("sketch", ["gaussian", "countsketch", "crs"])
+def test_checkpoint_recompute_sees_the_same_dropout_and_sketches(sketch):
+    """Checkpointing (no-grad forward, RNG restored, recompute in backward) must give bit for bit
+    the gradients of the same run without checkpointing: same dropout masks, same sketch seeds."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = _Block(sketch)
+    x = torch.randn(16, 8)
+
+    def grads(use_checkpoint):
+        block.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        inp = x.clone().requires_grad_(True)
+        out = checkpoint(block, inp, use_reentrant=True) if use_checkpoint else block(inp)
+        out.square().sum().backward()
+        return [p.grad.clone() for p in block.parameters()] + [inp.grad]
+
+    plain, checkpointed = grads(False), grads(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))

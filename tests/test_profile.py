@@ -153,3 +153,52 @@ def test_module_entry_point():
 
     proc = subprocess.run([sys.executable, "-m", "randbp_cli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("randbp ")
+
+
+def test_checkpoint_methods_and_budget():
+    config = ProfileConfig(model="roberta-tiny", rhos=[0.1], sketches=["crs"], batch_sizes=[4], seq_len=16, steps=1,
+                           warmup=0, device="cpu", methods=["checkpoint", "checkpoint+randomized"], budget_mib=4)
+    report = run_profile(config)
+    by_method = {r["method"]: r for r in report["results"]}
+    assert list(by_method) == ["exact", "checkpoint", "checkpoint+randomized"]  # exact is always there
+    exact, ckpt, both = by_method["exact"], by_method["checkpoint"], by_method["checkpoint+randomized"]
+    assert ckpt["checkpointing"]["units"] == 2
+    assert ckpt["activation_bytes"] < exact["activation_bytes"] / 4  # only each layer's input is kept
+    assert ckpt["activation_peak_bytes"] == ckpt["activation_bytes"] + ckpt["checkpointing"]["recompute_unit_bytes"]
+    assert both["checkpointing"]["recompute_unit_bytes"] < ckpt["checkpointing"]["recompute_unit_bytes"]
+    parts = both["contributions"]
+    assert parts["checkpointing_stored_bytes_saved"] == exact["activation_bytes"] - ckpt["activation_bytes"]
+    assert parts["randomized_recompute_bytes_saved"] > 0
+    budgets = {m: r["budget"]["max_batch_size"] for m, r in by_method.items()}
+    assert budgets["exact"] < budgets["checkpoint"] < budgets["checkpoint+randomized"]
+    for r in by_method.values():  # the boundary was measured on both sides
+        found = r["budget"]
+        assert found["measured"][str(found["max_batch_size"])] <= found["budget_bytes"]
+        assert found["measured"][str(found["max_batch_size"] + 1)] > found["budget_bytes"]
+
+
+def test_unknown_method():
+    result = _invoke(["profile", *TINY, "--method", "offload"])
+    assert result.exit_code == 2 and "unknown method" in result.stderr
+
+
+def test_checkpointing_with_randomized_layers_is_sound(tiny_roberta):
+    """HF activation checkpointing + randomized layers: bit for bit the gradients of the same run
+    without checkpointing (same dropout masks and sketch seeds in the recompute)."""
+    from conftest import tiny_batch
+    from randbp_cli import convert
+    from randbp_cli.profiling import set_checkpointing
+
+    model = convert(tiny_roberta, 0.5, sketch="countsketch")
+    batch = tiny_batch(model, batch_size=4)
+
+    def grads(checkpointed):
+        set_checkpointing(model, checkpointed)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from randbp_cli.errors import ConfigError
-from randbp_cli.sketches import (GaussianSketch, check_rho, get_sketch, sketch_matrix, sketch_names,
-                                 sketch_rows)
+from randbp_cli.sketches import (DATA_DEPENDENT, GaussianSketch, check_rho, get_sketch, sketch_matrix,
+                                 sketch_names, sketch_rows)
 
-DATA_INDEPENDENT = ["gaussian", "rademacher", "countsketch"]
+ALL = sketch_names()
+DATA_INDEPENDENT = [name for name in ALL if name not in DATA_DEPENDENT]
+EXACT_DIAGONAL = ["rademacher", "countsketch"]  # (S Sᵀ)ᵢᵢ = 1 for every draw
 
 
 def _xy(n=12, d_in=5, d_out=4, seed=0):
@@ -65,18 +67,18 @@ def test_expected_s_st_is_identity(name):
     assert torch.allclose(mean[deterministic], eye[deterministic], atol=1e-12)
     z = ((mean - eye).abs() / se.clamp_min(1e-12))[~deterministic]
     assert float(z.max()) < 5.0
-    if name != "gaussian":
+    if name in EXACT_DIAGONAL:
         assert torch.allclose(torch.diagonal(sst, dim1=1, dim2=2), torch.ones(repeats, n, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", DATA_INDEPENDENT)
+@pytest.mark.parametrize("name", ALL)
 def test_weight_gradient_is_unbiased(name):
     x, y = _xy()
     grads = sketched_gradients(name, x, y, k=4, repeats=6000)
     assert max_bias_z(grads, y.T @ x) < 5.0
 
 
-@pytest.mark.parametrize("name", DATA_INDEPENDENT)
+@pytest.mark.parametrize("name", ALL)
 def test_variance_matches_closed_form(name):
     x, y = _xy(seed=1)
     k, repeats = 4, 3000
@@ -115,7 +117,7 @@ def test_unbiasedness_check_catches_a_scaling_bug():
     assert max_bias_z(grads, y.T @ x) > 6.0
 
 
-@pytest.mark.parametrize("name", DATA_INDEPENDENT)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_sketch_built_in_input_dtype(name, dtype):
     x = torch.randn(10, 3).to(dtype)
@@ -164,7 +166,40 @@ def test_rho_out_of_range_rejected(rho):
         check_rho(rho)
 
 
+def test_srht_keeping_every_row_is_exact():
+    """k = n (a power of two): H and D are orthogonal, so the estimate has no variance at all."""
+    x, y = _xy(n=16)
+    grads = sketched_gradients("srht", x, y, k=16, repeats=5)
+    assert torch.allclose(grads, (y.T @ x).expand_as(grads))
+    assert get_sketch("srht").variance(x, y, 16) == 0
+
+
+@pytest.mark.parametrize("name", DATA_DEPENDENT)
+def test_row_sampling_stores_real_rows_indices_and_scales(name):
+    x, _ = _xy()
+    rows, index, scale = get_sketch(name).compress(x, 5, seed=3)
+    assert rows.shape == (5, x.shape[1]) and index.dtype == torch.int64 and scale.shape == (5,)
+    assert torch.allclose(rows, x[index] * scale[:, None])
+
+
+def test_wta_crs_keeps_the_largest_rows_exactly():
+    x, y = _xy()
+    x[5] *= 50  # one dominant row
+    rows, index, scale = get_sketch("wta-crs").compress(x, 6, seed=0)
+    assert int(index[0]) == 5 and float(scale[0]) == 1.0  # kept deterministically, unscaled
+    assert get_sketch("wta-crs").variance(x, y, 12) == 0  # k ≥ N: every row kept
+
+
+def test_crs_ignores_zero_rows():
+    x, y = _xy()
+    x[:6] = 0  # these rows contribute nothing to G and are never sampled
+    rows, index, scale = get_sketch("crs").compress(x, 50, seed=0)
+    assert int(index.min()) >= 6
+    grads = sketched_gradients("crs", x, y, k=4, repeats=3000)
+    assert max_bias_z(grads, y.T @ x) < 5.0
+
+
 def test_unknown_sketch_names_the_choices():
     with pytest.raises(ConfigError, match="gaussian"):
         get_sketch("dct2")
-    assert set(DATA_INDEPENDENT) <= set(sketch_names())
+    assert {"gaussian", "rademacher", "countsketch", "srht", "crs", "wta-crs"} <= set(sketch_names())
