@@ -45,17 +45,22 @@ class _OneLineErrors(TyperGroup):
                 typer.echo(ctx.get_help(), err=True)
             else:
                 where = ctx.command_path if ctx is not None else "randbp"
-                typer.echo(f"{where}: error: {_one_line(err.format_message())}", err=True)
+                self._say(f"{where}: error: {_one_line(err.format_message())}")
             code = err.exit_code
         except typer.Abort:
             typer.echo("randbp: aborted", err=True)
             code = 1
         except RandbpError as err:
-            typer.echo(f"randbp: error: {_one_line(str(err))}", err=True)
+            self._say(f"randbp: error: {_one_line(str(err))}")
             code = err.exit_code
         if standalone_mode:
             sys.exit(code)
         return code
+
+    @staticmethod
+    def _say(message: str) -> None:
+        if not _is_secondary_rank():  # under torchrun, one line from rank 0, not one per process
+            typer.echo(message, err=True)
 
 
 def _note(message: str) -> None:
@@ -367,10 +372,16 @@ def finetune(
     max_eval_samples: MaxEvalOpt = None,
     offline: OfflineOpt = False,
     save_model: Annotated[Optional[Path], typer.Option(help="Write the fine-tuned model (safetensors) here.")] = None,
+    backend: Annotated[str, typer.Option(help="Under torchrun: auto (NCCL on GPUs, gloo on CPUs), nccl or "
+                                              "gloo.")] = "auto",
     json_output: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
-    """Fine-tune with randomized backprop (and exactly, with --compare): accuracy, memory, time."""
+    """Fine-tune with randomized backprop (and exactly, with --compare): accuracy, memory, time.
+
+    Several GPUs or machines: launch it with torchrun (torchrun --nproc-per-node N -m randbp_cli
+    finetune ...); --batch-size is per process.
+    """
     from .report import check_writable, epoch_table, finetune_table, to_json, write_json_atomic
     from .train import FinetuneConfig, run_finetune
 
@@ -385,8 +396,18 @@ def finetune(
     config.validate()
     if output is not None:
         check_writable(output)
-    with _stop_on_signals() as stop, _training_progress(stop) as callbacks:
-        report = run_finetune(config, callbacks)
+    from .distributed import init_distributed, shutdown
+
+    world_size, rank, local_rank = _torchrun_environment()
+    dist, rank_device = init_distributed(world_size, rank, local_rank, backend, device)
+    try:
+        with _stop_on_signals() as stop, _training_progress(stop, enabled=dist.is_main) as callbacks:
+            report = run_finetune(config, callbacks, dist, rank_device)
+    finally:
+        shutdown(dist)
+    interrupted = report["status"] == "interrupted"
+    if not dist.is_main:  # rank 0 alone prints and writes
+        raise typer.Exit(130 if interrupted else 0)
     report["command"] = _command_line()
     if output is not None:
         write_json_atomic(output, report)
@@ -398,9 +419,28 @@ def finetune(
         out_console.print(finetune_table(report))
         if output is not None:
             _note(f"report written to {output}")
-    if report["status"] == "interrupted":
+    if interrupted:
         _note("interrupted: the report holds what finished")
         raise typer.Exit(130)
+
+
+def _torchrun_environment() -> tuple[int, int, int]:
+    """(world size, rank, local rank) as torchrun sets them; (1, 0, 0) for a plain launch."""
+    import os
+
+    def read(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            raise RandbpError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+    return read("WORLD_SIZE", 1), read("RANK", 0), read("LOCAL_RANK", 0)
+
+
+def _is_secondary_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") not in ("", "0")
 
 
 @app.command()
@@ -491,7 +531,7 @@ def _stop_on_signals():
 
 
 @contextmanager
-def _training_progress(should_stop):
+def _training_progress(should_stop, enabled: bool = True):
     from rich.progress import TimeRemainingColumn
 
     from .train import TrainCallbacks
@@ -515,6 +555,9 @@ def _training_progress(should_stop):
         else:
             _note(line)
 
+    if not enabled:  # other ranks of a torchrun job: quiet, but they still hear the stop signal
+        yield TrainCallbacks(should_stop=should_stop)
+        return
     with bar:
         yield TrainCallbacks(on_run_start=on_run_start, on_step=on_step, on_epoch=on_epoch, should_stop=should_stop)
 

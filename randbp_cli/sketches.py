@@ -240,7 +240,24 @@ def _row_norm_probabilities(x: Tensor) -> Tensor:
     return norms / total
 
 
-class CRSSketch(Sketch):
+class _RowSampling(Sketch):
+    """Sketches that keep real token rows: saved = (scaled rows of X, their indices, their scales)."""
+
+    def compress_grad(self, y, k, seed, saved):
+        _, index, scale = saved
+        return y[index] * scale[:, None]
+
+    @staticmethod
+    def _sampled_variance(x: Tensor, y: Tensor, probabilities: Tensor, draws: int) -> float:
+        """E‖Ĝ − G‖² of (1/m)Σₜ g_{iₜ}/p_{iₜ}, m draws with replacement: (Σᵢ‖gᵢ‖²/pᵢ − ‖G‖²)/m."""
+        p = probabilities.double()
+        terms = x.square().sum(1) * y.square().sum(1)
+        used = p > 0  # rows with pᵢ = 0 have xᵢ = 0: their gradient term is 0 and never sampled
+        grad = float((x.T @ y).square().sum())
+        return (float((terms[used] / p[used]).sum()) - grad) / draws
+
+
+class CRSSketch(_RowSampling):
     """Column-row sampling: k token rows drawn with replacement, pᵢ ∝ ‖xᵢ‖, scaled 1/√(k·pᵢ).
 
     The forward pass knows X, so the probabilities use ‖xᵢ‖ only. Ĝ = (1/k)Σₜ y_{iₜ}x_{iₜ}ᵀ/p_{iₜ}
@@ -259,21 +276,13 @@ class CRSSketch(Sketch):
         scale = (1.0 / torch.sqrt(k * probabilities[index])).to(x.dtype)
         return x[index] * scale[:, None], index, scale
 
-    def compress_grad(self, y, k, seed, saved):
-        _, index, scale = saved
-        return y[index] * scale[:, None]
-
     def variance(self, x, y, k):
         x = x.reshape(-1, x.shape[-1]).double()
         y = y.reshape(-1, y.shape[-1]).double()
-        p = _row_norm_probabilities(x).double()
-        terms = x.square().sum(1) * y.square().sum(1)
-        used = p > 0  # rows with pᵢ = 0 have xᵢ = 0: their gradient term is 0 and never sampled
-        grad = float((x.T @ y).square().sum())
-        return (float((terms[used] / p[used]).sum()) - grad) / k
+        return self._sampled_variance(x, y, _row_norm_probabilities(x), k)
 
 
-class WTACRSSketch(Sketch):
+class WTACRSSketch(_RowSampling):
     """Winner-take-all CRS (after WTA-CRS, arXiv 2305.15265): the c = ⌊k/2⌋ rows with the
     largest ‖xᵢ‖ are kept exactly (scale 1; all of them when k = N); the other k − c rows are sampled with replacement
     from the remaining rows with qⱼ ∝ ‖xⱼ‖ and scaled 1/√((k − c)·qⱼ). Unbiased: the kept rows
@@ -319,10 +328,6 @@ class WTACRSSketch(Sketch):
                                1.0 / torch.sqrt(sampled * probabilities[pick])]).to(x.dtype)
         return x[index] * scale[:, None], index, scale
 
-    def compress_grad(self, y, k, seed, saved):
-        _, index, scale = saved
-        return y[index] * scale[:, None]
-
     def variance(self, x, y, k):
         x = x.reshape(-1, x.shape[-1]).double()
         y = y.reshape(-1, y.shape[-1]).double()
@@ -330,11 +335,8 @@ class WTACRSSketch(Sketch):
         sampled = k - len(kept)
         if sampled == 0 or len(rest) == 0:
             return 0.0
-        xr, yr, q = x[rest], y[rest], q.double()
-        terms = xr.square().sum(1) * yr.square().sum(1)
-        used = q > 0
-        grad_rest = float((xr.T @ yr).square().sum())
-        return (float((terms[used] / q[used]).sum()) - grad_rest) / sampled
+        # the kept rows are exact: only the sampled remainder has variance
+        return self._sampled_variance(x[rest], y[rest], q, sampled)
 
 
 SKETCHES: dict[str, type[Sketch]] = {

@@ -222,15 +222,9 @@ _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".p
 
 def read_table(path: Path, text_columns: Sequence[str], label_column: str, spec: TaskSpec) -> object:
     """CSV/TSV/JSONL/parquet with named columns -> dataset with text columns and `label`."""
-    import datasets
-
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"cannot read {str(path)!r}: use a .csv, .tsv, .jsonl, .json or .parquet file")
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    data = _load_file(path, fmt, kwargs)
+    data = _load_file(path)
     missing = [c for c in (*text_columns, label_column) if c not in data.column_names]
     if missing:
         raise DataError(f"{str(path)!r} has no column(s) {', '.join(map(repr, missing))}; "
@@ -244,11 +238,16 @@ def read_table(path: Path, text_columns: Sequence[str], label_column: str, spec:
     return _dataset(columns)
 
 
-def _load_file(path: Path, fmt: str, kwargs: dict):
+def _load_file(path: Path):
+    """A CSV/TSV/JSON(L)/parquet file as a datasets.Dataset, or one DataError line."""
     import logging
 
     import datasets
 
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"cannot read {str(path)!r}: use a .csv, .tsv, .jsonl, .json or .parquet file")
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     # datasets logs its own ERROR line before raising; ours is the one line the user sees
     logger = logging.getLogger("datasets")
     level = logger.level
@@ -386,8 +385,7 @@ def custom_spec(train, label_column: str, text_columns: Sequence[str], num_label
 
 def load_custom(train_file: str | Path, validation_file: str | Path, text_columns: Sequence[str],
                 label_column: str, num_labels: int | None = None) -> TaskData:
-    import datasets
-
+    """A user's own train/validation files; classification or regression decided by the labels."""
     if not text_columns:
         raise ConfigError("--text-columns is required with --train-file (e.g. --text-columns sentence1,sentence2)")
     if len(text_columns) > 2:
@@ -396,11 +394,7 @@ def load_custom(train_file: str | Path, validation_file: str | Path, text_column
     for path, option in ((train_path, "--train-file"), (eval_path, "--validation-file")):
         if not path.is_file():
             raise DataError(f"{option} {str(path)!r} does not exist")
-    fmt = _FORMATS.get(train_path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"cannot read {str(train_path)!r}: use a .csv, .tsv, .jsonl, .json or .parquet file")
-    kwargs = {"delimiter": "\t"} if train_path.suffix.lower() == ".tsv" else {}
-    raw = _load_file(train_path, fmt, kwargs)
+    raw = _load_file(train_path)
     if label_column not in raw.column_names:
         raise DataError(f"{str(train_path)!r} has no label column {label_column!r}; its columns are: "
                         f"{', '.join(raw.column_names)}")

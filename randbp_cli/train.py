@@ -28,6 +28,7 @@ import torch
 
 from .convert import convert, converted_names, restore
 from .errors import ConfigError
+from .distributed import SINGLE, Distributed, all_reduce_sum, gather_objects, shard
 from .memory import NvmlSampler, RecomputeCounter, SavedTensorCounter, checkpoint_units, synchronize
 from .models import LoadedModel, load_model, max_sequence_length
 from .profiling import dtype_name, resolve_device, resolve_dtype, set_checkpointing
@@ -253,20 +254,28 @@ def make_optimizer(model, config: FinetuneConfig, lr: float):
 
 
 @torch.no_grad()
-def evaluate(model, loader, spec, device) -> dict:
+def evaluate(model, loader, spec, device, dist: Distributed = SINGLE) -> dict:
+    """Metrics over the whole evaluation set; with several ranks each evaluates its shard and
+    the predictions are gathered, so every example counts exactly once."""
     model.eval()
-    predictions, labels, losses, rows = [], [], 0.0, 0
+    predictions, labels, loss_sum = [], [], 0.0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
         logits = out.logits.float()
         predictions.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
         labels.append(batch["labels"])
-        losses += float(out.loss) * len(batch["labels"])
-        rows += len(batch["labels"])
+        loss_sum += float(out.loss) * len(batch["labels"])
     model.train()
-    metrics = compute_metrics(spec, torch.cat(predictions).cpu().numpy(), torch.cat(labels).cpu().numpy())
-    metrics["loss"] = losses / max(rows, 1)
+    local = (torch.cat(predictions).cpu().numpy() if predictions else [],
+             torch.cat(labels).cpu().numpy() if labels else [], loss_sum)
+    shards = gather_objects(dist, local)
+    import numpy as np
+
+    all_predictions = np.concatenate([np.asarray(p) for p, _, _ in shards])
+    all_labels = np.concatenate([np.asarray(lab) for _, lab, _ in shards])
+    metrics = compute_metrics(spec, all_predictions, all_labels)
+    metrics["loss"] = sum(loss for _, _, loss in shards) / max(len(all_labels), 1)
     return metrics
 
 
@@ -281,13 +290,16 @@ def _batch_tokens(batch) -> int:
 
 
 def train_run(config: FinetuneConfig, method: str, rho: float | None, data: TaskData, train_set, eval_sets,
-              collator, callbacks: TrainCallbacks, device: torch.device, loaded: LoadedModel | None = None) -> dict:
+              collator, callbacks: TrainCallbacks, device: torch.device, loaded: LoadedModel | None = None,
+              dist: Distributed = SINGLE) -> dict:
     """Fine-tune one model (exact, or randomized at `rho`) and return its run record.
 
     `loaded` is a freshly initialised model to train; without it the model is loaded again
-    (with the same seed, so every run starts from the same weights).
+    (with the same seed, so every run starts from the same weights). With several ranks the
+    model is wrapped in DistributedDataParallel and each rank trains on its share of every
+    global batch (see distributed.py for what is seeded how).
     """
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, DistributedSampler
     from transformers import get_linear_schedule_with_warmup
 
     spec = data.spec
@@ -302,14 +314,25 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
     if method.endswith("randomized"):
         model = convert(model, rho, sketch=config.sketch, include=config.include, exclude=config.exclude)
     converted = converted_names(model)
+    runner = model  # what forward/backward go through; `model` stays the plain module (hooks, saving)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # static_graph: reentrant checkpointing re-runs each layer in backward, which DDP's
+        # default gradient bookkeeping would see as the same parameter becoming ready twice
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                         static_graph=checkpointed)
 
     batch_size = config.batch_size or spec.batch_size
     lr = config.lr or spec.lr
     epochs = config.epochs or spec.epochs
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, collate_fn=collator,
-                              generator=torch.Generator().manual_seed(config.seed))
-    eval_loaders = {k: DataLoader(v, batch_size=config.eval_batch_size or 2 * batch_size, collate_fn=collator)
-                    for k, v in eval_sets.items()}
+    # The same sampler for one process or many: rank r of W takes every W-th index of one seeded
+    # permutation, so W ranks at batch B see exactly the examples one process sees at batch W·B.
+    train_sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                       seed=config.seed)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=train_sampler, collate_fn=collator)
+    eval_loaders = {k: DataLoader(v.select(shard(len(v), dist)), batch_size=config.eval_batch_size or 2 * batch_size,
+                                  collate_fn=collator) for k, v in eval_sets.items()}
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
     total_steps = min(config.max_steps or epochs * steps_per_epoch, epochs * steps_per_epoch)
     epochs = min(epochs, math.ceil(total_steps / steps_per_epoch))
@@ -323,25 +346,30 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
                     "checkpointing": checkpointed,
                     "status": "completed",
                     "converted_layers": {"count": len(converted), "names": converted},
-                    "hyperparameters": {"batch_size": batch_size, "lr": lr, "epochs": epochs,
+                    "hyperparameters": {"batch_size": batch_size, "global_batch_size": batch_size * dist.world_size
+                                        * config.grad_accum, "lr": lr, "epochs": epochs,
                                         "total_steps": total_steps, "grad_accum": config.grad_accum,
                                         "warmup_steps": round(config.warmup_ratio * total_steps)},
                     "epochs": []}
     memory: dict = {"activation_bytes": None}
     step, tokens, train_time = 0, 0, 0.0
     run_start = time.perf_counter()
-    torch.manual_seed(config.seed)  # dropout and sketch seeds start from the same state in every run
+    # dropout and sketch seeds start from the same state in every run; each rank has its own stream
+    rank_seed = dist.rank_seed(config.seed)
+    torch.manual_seed(rank_seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stopped = False
     with NvmlSampler(device) as sampler:
         for epoch in range(1, epochs + 1):
+            train_sampler.set_epoch(epoch)
             epoch_loss, epoch_batches, epoch_start = 0.0, 0, time.perf_counter()
+            stop_requested = False
             for micro, batch in enumerate(train_loader):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if memory["activation_bytes"] is None:  # the first real batch: count saved bytes
                     with SavedTensorCounter(model, exclude=batch.values()) as counter:
-                        loss = model(**batch).loss
+                        loss = runner(**batch).loss
                     stats = counter.stats()
                     memory.update(activation_bytes=stats.total_bytes,
                                   activation_bytes_by_kind=dict(stats.by_kind),
@@ -353,9 +381,13 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
                     if checkpointed:
                         memory["recompute_unit_bytes"] = largest
                 else:
-                    loss = model(**batch).loss
+                    loss = runner(**batch).loss
                     (loss / config.grad_accum).backward()
-                epoch_loss += loss.item()
+                # one collective per batch: the mean loss over ranks, and whether any rank was asked
+                # to stop (all ranks must stop at the same step, or the next collective would hang)
+                loss_sum, stops = all_reduce_sum(dist, [loss.item(), float(callbacks.should_stop())], device)
+                epoch_loss += loss_sum / dist.world_size
+                stop_requested = stops > 0
                 epoch_batches += 1
                 tokens += _batch_tokens(batch)
                 if (micro + 1) % config.grad_accum and micro + 1 != len(train_loader):
@@ -365,8 +397,8 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if callbacks.on_step:
-                    callbacks.on_step(name, step, loss.item(), scheduler.get_last_lr()[0])
-                if step >= total_steps or callbacks.should_stop():
+                    callbacks.on_step(name, step, loss_sum / dist.world_size, scheduler.get_last_lr()[0])
+                if step >= total_steps or stop_requested:
                     stopped = step < total_steps  # a stop after the last step changes nothing
                     break
             synchronize(device)
@@ -378,7 +410,10 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
                 record["epochs"].append(entry)
                 break
             eval_start = time.perf_counter()
-            entry["eval"] = {split: evaluate(model, loader, spec, device) for split, loader in eval_loaders.items()}
+            # the plain module, not the DDP wrapper: ranks hold different numbers of evaluation
+            # batches, and DDP's forward would start a buffer broadcast on each of them
+            entry["eval"] = {split: evaluate(model, loader, spec, device, dist)
+                             for split, loader in eval_loaders.items()}
             entry["eval_time_s"] = time.perf_counter() - eval_start
             record["epochs"].append(entry)
             if callbacks.on_epoch:
@@ -391,10 +426,15 @@ def train_run(config: FinetuneConfig, method: str, rho: float | None, data: Task
         memory["nvml"] = sampler.result()
     else:
         memory["cuda"] = memory["nvml"] = None
-    record["memory"] = memory
+    local_time = {"rank": dist.rank, "rng_seed": rank_seed, "train_time_s": train_time, "tokens": tokens}
+    per_rank = gather_objects(dist, {**local_time, "memory": dict(memory)})
+    total_tokens = sum(r["tokens"] for r in per_rank)
+    record["memory"] = memory  # this rank's (rank 0's in the report); every rank's below
+    if dist.enabled:
+        record["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "per_rank": per_rank}
     record["time"] = {"steps": step, "train_time_s": train_time,
                       "step_time_s": train_time / step if step else None,
-                      "tokens_per_s": tokens / train_time if train_time else None, "tokens": tokens,
+                      "tokens_per_s": total_tokens / train_time if train_time else None, "tokens": total_tokens,
                       "total_time_s": time.perf_counter() - run_start}
     if stopped:
         record["status"] = "interrupted"
@@ -488,9 +528,9 @@ class Prepared:
     max_length: int
 
 
-def prepare(config: FinetuneConfig) -> Prepared:
+def prepare(config: FinetuneConfig, device: torch.device | None = None) -> Prepared:
     """Load the model (with the task's head) and the data, tokenize, and build the collator."""
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     model_name = config.model_name()
     if config.save_model:
         _check_save_dir(Path(config.save_model))
@@ -520,26 +560,35 @@ def prepare(config: FinetuneConfig) -> Prepared:
     return Prepared(device, loaded, data, train_set, eval_sets, collator, tokenizer, tokenizer_info, max_length)
 
 
-def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None) -> dict:
-    """Every run of `config`; returns the `randbp.finetune/1` report (status completed/interrupted)."""
+def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None, dist: Distributed = SINGLE,
+                 device: torch.device | None = None) -> dict:
+    """Every run of `config`; returns the `randbp.finetune/1` report (status completed/interrupted).
+
+    With several ranks (`dist`, from `init_distributed`) every rank calls this and gets the
+    same report; the caller writes it from rank 0 only. `device` overrides `config.device`.
+    """
     from .report import environment
 
     callbacks = callbacks or TrainCallbacks()
     config.validate()
-    p = prepare(config)
+    p = prepare(config, device)
+    if dist.world_size > len(p.train_set):
+        raise ConfigError(f"{dist.world_size} processes but only {len(p.train_set)} training examples: "
+                          "start fewer processes (--nproc-per-node) or give more data")
     device, data, loaded, tokenizer = p.device, p.data, p.loaded, p.tokenizer
     model_name = config.model_name()
     runs: list[dict] = []
     status = "completed"
     first_model = [loaded]  # the first run trains the model loaded above; later runs reload it
     for method, rho in config.runs():
-        if callbacks.should_stop():
+        if all_reduce_sum(dist, [float(callbacks.should_stop())], device)[0] > 0:
             status = "interrupted"
             break
         fresh = first_model.pop() if first_model else None
-        run = train_run(config, method, rho, data, p.train_set, p.eval_sets, p.collator, callbacks, device, fresh)
+        run = train_run(config, method, rho, data, p.train_set, p.eval_sets, p.collator, callbacks, device, fresh,
+                        dist)
         model = run.pop("_model")
-        if config.save_model and run["status"] == "completed":
+        if config.save_model and run["status"] == "completed" and dist.is_main:
             target = Path(config.save_model)
             if len(config.runs()) > 1:
                 target = target / run["name"].replace(" ", "_").replace("=", "")
@@ -554,6 +603,8 @@ def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None
         "schema": SCHEMA,
         "status": status,
         "environment": environment(device),
+        "distributed": {**dist.describe(), "global_batch_size": (config.batch_size or data.spec.batch_size)
+                        * dist.world_size * config.grad_accum},
         "config": {**asdict(config), "model": model_name, "device": str(device),
                    "dtype": dtype_name(resolve_dtype(config.dtype)), "max_length": p.max_length},
         "task": data.describe(),

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check: roberta-base on CUDA with allocator and NVML numbers, in well under 8 minutes
-# on one GPU, plus the tests that need a GPU. Runs from a plain checkout (no install, no
-# network): the machine must already have torch, transformers, typer, rich and nvidia-ml-py.
+# The GPU check: roberta-base on CUDA with allocator and NVML numbers, checkpointing beside the
+# randomized layers, a multi-process (one per visible GPU) synthetic fine-tune under torchrun,
+# and the tests that need a GPU — a few minutes on one H200-class GPU, well under 8.
+# Runs from a plain checkout, no install and no network: the machine must already have torch,
+# transformers, typer, rich and nvidia-ml-py; the fine-tune also needs `datasets` (if it is
+# missing, carry its wheels — see the device tool's README — or that step is skipped, saying so).
 #
-#   scripts/gpu_check.sh OUT_DIR        # writes OUT_DIR/profile-roberta-base-cuda*.json and a log
+#   scripts/gpu_check.sh OUT_DIR        # writes OUT_DIR/*.json and prints a summary
 set -euo pipefail
 out=${1:-results}
 mkdir -p "$out"
@@ -13,7 +16,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 python3 - <<'PY'
 import torch
 assert torch.cuda.is_available(), "no CUDA device visible to torch"
-print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
+print("torch", torch.__version__, "on", torch.cuda.device_count(), "x", torch.cuda.get_device_name(0))
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || true
 profile() { python3 -m randbp_cli profile --model roberta-base --device cuda --warmup 2 --steps 10 "$@"; }
@@ -21,4 +24,13 @@ profile --rho 0.5 --rho 0.2 --rho 0.1 --sketch gaussian --sketch countsketch -b 
   -o "$out/profile-roberta-base-cuda.json"
 profile --rho 0.5 --rho 0.1 --sketch gaussian --sketch countsketch -b 8 --seq-len 512 \
   -o "$out/profile-roberta-base-cuda-seq512.json"
+profile --rho 0.1 --sketch countsketch --sketch crs --sketch srht --method randomized --method checkpoint \
+  --method checkpoint+randomized -b 32 --seq-len 128 -o "$out/methods-roberta-base-cuda.json"
+if python3 -c "import datasets" 2>/dev/null; then
+  ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  python3 -m torch.distributed.run --nproc-per-node "$ngpu" --standalone -m randbp_cli finetune --task synthetic \
+    --rho 0.5 --compare --sketch countsketch -b 16 --device cuda -o "$out/finetune-synthetic-ddp-cuda.json"
+else
+  echo "skipped the torchrun fine-tune: the package 'datasets' is not installed here"
+fi
 python3 -m pytest -q tests -m gpu 2>&1 | tail -n 5
