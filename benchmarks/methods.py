@@ -1,7 +1,7 @@
 """Benchmark: at equal memory, which estimator is most accurate, what it costs, and how it
 compares with activation checkpointing — one run, ratios measured side by side.
 
-    python benchmarks/methods.py -o results/methods-roberta-base-cpu.json
+    python benchmarks/methods.py -o results/methods-roberta-base-cpu.json   [--reuse after a failure]
 
 roberta-base (built-in architecture, random init when no checkpoint), fp32, CPU:
   1. memory and time: exact, every estimator at ρ = 0.5/0.2/0.1, checkpointing, and
@@ -14,6 +14,7 @@ roberta-base (built-in architecture, random init when no checkpoint), fp32, CPU:
      countsketch at ρ = 0.1.
   3. variance: every estimator at ρ = 0.5 and 0.1 on the same captured batch (synthetic task
      tokens, batch 16), four linear layers of block 6, 64 sketches per measurement.
+Each part runs in a fresh process and is kept until the whole benchmark is written.
 Exits 1 if the time target fails.
 """
 
@@ -95,7 +96,72 @@ def variance(args) -> dict[float, dict]:
     return out
 
 
+PARTS = ("time", "budget", "variance")
+
+
+def run_part(name: str, args) -> dict:
+    """One part of the benchmark, as a JSON-ready dict."""
+    if name == "time":
+        return {"profiles": {str(k): v for k, v in memory_and_time(args).items()}}
+    if name == "budget":
+        return {"budget": budget(args)}
+    return {"variance": {str(k): v for k, v in variance(args).items()}}
+
+
+def run_isolated(name: str, args, parts_dir: Path) -> dict:
+    """Each part in a fresh process: CPU allocators keep the high-water mark of a part that
+    profiled 512-token batches, and the budget search needs that memory back."""
+    import json
+    import subprocess
+
+    path = parts_dir / f"{name}.json"
+    if not (args.reuse and path.is_file()):
+        cmd = [sys.executable, __file__, "--part", name, "--part-output", str(path), "--model", args.model,
+               "--device", args.device, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--budget-mib", str(args.budget_mib), "--budget-max-batch", str(args.budget_max_batch),
+               "--seq-lens", *map(str, args.seq_lens)]
+        subprocess.run(cmd, check=True)
+    return json.loads(path.read_text())
+
+
+def report_time(result: dict) -> None:
+    print(f"\n{'seq':>4} {'method':<22} {'sketch':<12} {'rho':>4} {'act × exact':>11} {'peak × exact':>12} "
+          f"{'time × exact':>12}")
+    for key, report in result["profiles"].items():
+        for r in report["results"]:
+            if key.endswith("checkpoint+randomized") and r["method"] != "checkpoint+randomized":
+                continue
+            print(f"{r['seq_len']:>4} {r['method']:<22} {r['sketch'] or '—':<12} {r['rho'] or '—':>4} "
+                  f"{1 - r['activation_saving_vs_exact']:>11.3f} {1 - r['activation_peak_saving_vs_exact']:>12.3f} "
+                  f"{r['time_ratio_vs_exact']:>12.2f}")
+            if r["sketch"] in LINEAR_COST and r["method"] == "randomized" and r["rho"] <= 0.5:
+                ok = r["time_ratio_vs_exact"] <= 1.0
+                result["checks"].append({"check": f"{r['sketch']} rho={r['rho']} seq {r['seq_len']}: time "
+                                                  f"{r['time_ratio_vs_exact']:.2f} × exact ≤ 1.00", "passed": ok})
+
+
+def report_budget(result: dict, args) -> None:
+    print(f"\nlargest batch (seq {args.seq_lens[0]}) whose activation peak fits {args.budget_mib:g} MiB")
+    for b in result["budget"]:
+        what = b["method"] if b["sketch"] is None else f"{b['method']} {b['sketch']} rho={b['rho']}"
+        print(f"  {what:<40} {b['max_batch_size']:>5}{'+' if b['capped'] else ''}")
+
+
+def report_variance(result: dict) -> None:
+    print("\nvariance at equal rho, same captured batch (mean over the four layers)")
+    for rho, report in result["variance"].items():
+        gaussian = {r["layer"]: r["d2_rmm_measured"] for r in report["records"] if r["sketch"] == "gaussian"}
+        for sketch in sketch_names():
+            rows = [r for r in report["records"] if r["sketch"] == sketch]
+            ratio = sum(r["ratio"] for r in rows) / len(rows)
+            rel = sum(r["d2_rmm_measured"] / gaussian[r["layer"]] for r in rows) / len(rows)
+            print(f"  rho {rho:<4} {sketch:<12} ratio {ratio:6.3f}   D²_RMM / gaussian's {rel:6.3f}")
+
+
 def main() -> int:
+    import json
+    import shutil
+
     import datasets
     import transformers
 
@@ -109,50 +175,35 @@ def main() -> int:
     parser.add_argument("--seq-lens", type=int, nargs=2, default=[128, 512])
     parser.add_argument("--budget-mib", type=float, default=1024)
     parser.add_argument("--budget-max-batch", type=int, default=512)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["time", "budget", "variance"])
-    parser.add_argument("-o", "--output")
+    parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
+    parser.add_argument("--reuse", action="store_true", help="keep parts already measured (after a failure)")
+    parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    parser.add_argument("--part-output", help=argparse.SUPPRESS)
+    parser.add_argument("-o", "--output", default="results/methods-roberta-base-cpu.json")
     args = parser.parse_args()
 
+    if args.part:  # a child process: one part, written where the parent reads it
+        write_json_atomic(args.part_output, run_part(args.part, args))
+        return 0
+
+    parts_dir = Path(args.output).with_suffix(".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"schema": "randbp.methods-benchmark/1", "command": " ".join(["python", *sys.argv]),
                     "environment": environment(), "checks": []}
-    if "time" not in args.skip:
-        reports = memory_and_time(args)
-        result["profiles"] = {str(k): v for k, v in reports.items()}
-        print(f"\n{'seq':>4} {'method':<22} {'sketch':<12} {'rho':>4} {'act × exact':>11} {'peak × exact':>12} "
-              f"{'time × exact':>12}")
-        for key, report in reports.items():
-            for r in report["results"]:
-                if str(key).endswith("checkpoint+randomized") and r["method"] != "checkpoint+randomized":
-                    continue
-                print(f"{r['seq_len']:>4} {r['method']:<22} {r['sketch'] or '—':<12} {r['rho'] or '—':>4} "
-                      f"{1 - r['activation_saving_vs_exact']:>11.3f} {1 - r['activation_peak_saving_vs_exact']:>12.3f} "
-                      f"{r['time_ratio_vs_exact']:>12.2f}")
-                if r["sketch"] in LINEAR_COST and r["method"] == "randomized" and r["rho"] <= 0.5:
-                    ok = r["time_ratio_vs_exact"] <= 1.0
-                    result["checks"].append({"check": f"{r['sketch']} rho={r['rho']} seq {r['seq_len']}: time "
-                                                      f"{r['time_ratio_vs_exact']:.2f} × exact ≤ 1.00", "passed": ok})
-    if "budget" not in args.skip:
-        result["budget"] = budget(args)
-        print(f"\nlargest batch (seq {args.seq_lens[0]}) whose activation peak fits {args.budget_mib:g} MiB")
-        for b in result["budget"]:
-            what = b["method"] if b["sketch"] is None else f"{b['method']} {b['sketch']} rho={b['rho']}"
-            print(f"  {what:<40} {b['max_batch_size']:>5}{'+' if b['capped'] else ''}")
-    if "variance" not in args.skip:
-        reports = variance(args)
-        result["variance"] = {str(k): v for k, v in reports.items()}
-        print("\nvariance at equal rho, same captured batch (mean over the four layers)")
-        for rho, report in reports.items():
-            for sketch in sketch_names():
-                rows = [r for r in report["records"] if r["sketch"] == sketch]
-                ratio = sum(r["ratio"] for r in rows) / len(rows)
-                rel = sum(r["d2_rmm_measured"] / next(g["d2_rmm_measured"] for g in report["records"]
-                                                       if g["sketch"] == "gaussian" and g["layer"] == r["layer"])
-                          for r in rows) / len(rows)
-                print(f"  rho {rho:<4} {sketch:<12} ratio {ratio:6.3f}   D²_RMM / gaussian's {rel:6.3f}")
+    for name in PARTS:
+        if name not in args.skip:
+            result.update(run_isolated(name, args, parts_dir))
+    if "profiles" in result:
+        report_time(result)
+    if "budget" in result:
+        report_budget(result, args)
+    if "variance" in result:
+        report_variance(result)
     for check in result["checks"]:
         print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}")
-    if args.output:
-        write_json_atomic(args.output, result)
+    write_json_atomic(args.output, result)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    json.loads(Path(args.output).read_text())  # what was written reads back
     return 0 if all(c["passed"] for c in result["checks"]) else 1
 
 

@@ -107,9 +107,13 @@ def _command_line() -> str:
 
 @contextmanager
 def _progress(total: int, enabled: bool = True):
-    """A rich progress bar on stderr; yields the library's `progress(description, done)` callback."""
-    if not enabled or not err_console.is_terminal:  # no bars in logs and pipes
+    """A rich progress bar on stderr; yields the library's `progress(description, done)` callback.
+    Not a terminal (a CI log): one plain line per phase instead of a bar."""
+    if not enabled:
         yield None
+        return
+    if not err_console.is_terminal:
+        yield lambda description, done: _note(f"[{done}/{total}] {description}")
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=err_console, transient=True)

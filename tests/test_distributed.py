@@ -92,3 +92,24 @@ def test_shards_cover_every_example_once():
         parts = [shard(10, Distributed(world, rank)) for rank in range(world)]
         assert sorted(i for part in parts for i in part) == list(range(10))
     assert Distributed(2, 0).rank_seed(5) == 5 and Distributed(2, 1).rank_seed(5) != 5
+
+
+def test_ctrl_c_on_torchrun_stops_every_rank_and_rank_0_reports(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "r.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                             "-m", "randbp_cli", "finetune", "--task", "synthetic", "--epochs", "40", "--device", "cpu",
+                             "--max-train-samples", "256", "--max-eval-samples", "32", "--rho", "0.5", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # rank 0 prints a line per finished epoch
+        if "epoch 1 " in proc.stdout.readline():
+            break
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to torchrun; it passes a signal on to every rank
+    proc.communicate(timeout=120)
+    report = json.loads(out.read_text())
+    assert report["status"] == "interrupted" and report["runs"][0]["status"] == "interrupted"
+    assert 1 <= len([e for e in report["runs"][0]["epochs"] if e.get("eval")]) < 40
