@@ -65,9 +65,10 @@ def case_key(report: dict, result: dict) -> tuple:
 
 
 def describe_key(key: tuple) -> str:
+    from .profiling import method_label
+
     model, method, rho, sketch, batch, seq, dtype, device = key
-    what = "exact" if method == "exact" else f"{sketch} ρ={rho:g}"
-    return f"{model} {what} b={batch} seq={seq} {dtype} {device}"
+    return f"{model} {method_label(method, rho, sketch)} b={batch} seq={seq} {dtype} {device}"
 
 
 @dataclass

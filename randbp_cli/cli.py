@@ -51,16 +51,21 @@ class _OneLineErrors(TyperGroup):
             typer.echo("randbp: aborted", err=True)
             code = 1
         except RandbpError as err:
-            self._say(f"randbp: error: {_one_line(str(err))}")
+            self._say(f"randbp: error: {_one_line(str(err))}", rank_local=err.rank_local)
             code = err.exit_code
         if standalone_mode:
             sys.exit(code)
         return code
 
     @staticmethod
-    def _say(message: str) -> None:
-        if not _is_secondary_rank():  # under torchrun, one line from rank 0, not one per process
+    def _say(message: str, rank_local: bool = False) -> None:
+        """Under torchrun every rank usually hits the same error: rank 0 says it, once. An error
+        only one rank hit is said by that rank, with its number."""
+        rank = _secondary_rank()
+        if rank is None:
             typer.echo(message, err=True)
+        elif rank_local:
+            typer.echo(f"rank {rank}: {message}", err=True)
 
 
 def _note(message: str) -> None:
@@ -102,6 +107,15 @@ def _quiet_libraries() -> None:
 
 
 def _command_line() -> str:
+    """The command as the user would retype it (torchrun's launch reconstructed from its variables)."""
+    import os
+
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    world = os.environ.get("WORLD_SIZE")
+    if local and world and int(world) > 1:
+        nodes = max(1, int(world) // max(1, int(local)))
+        return shlex.join(["torchrun", "--nnodes", str(nodes), "--nproc-per-node", local, "-m", "randbp_cli",
+                           *sys.argv[1:]])
     return shlex.join(["randbp", *sys.argv[1:]])
 
 
@@ -276,6 +290,7 @@ def report(
     tables = tables_for(reports)
     if plot is not None:
         check_writable(plot)
+        _check_image_suffix(plot)
     if output_format == "markdown":
         typer.echo("\n\n".join(table_to_markdown(t) for t in tables))
     else:
@@ -284,6 +299,18 @@ def report(
     if plot is not None:
         _write_plot(report_kind(reports[0]), reports, plot)
         _note(f"plot written to {plot}")
+
+
+IMAGE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp")
+
+
+def _check_image_suffix(path: Path) -> None:
+    from .errors import ConfigError
+
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix and suffix not in IMAGE_FORMATS:
+        raise ConfigError(f"--plot {str(path)!r}: cannot draw a .{suffix} file; use one of "
+                          f"{', '.join('.' + f for f in IMAGE_FORMATS)}")
 
 
 def _write_plot(kind: str, reports: list[dict], path: Path) -> None:
@@ -398,12 +425,12 @@ def finetune(
         grad_accum=grad_accum, seed=seed, dtype=dtype, device=device,
         save_model=None if save_model is None else str(save_model))
     config.validate()
-    if output is not None:
-        check_writable(output)
     from .distributed import init_distributed, shutdown
 
-    world_size, rank, local_rank = _torchrun_environment()
-    dist, rank_device = init_distributed(world_size, rank, local_rank, backend, device)
+    world_size, rank, local_rank, local_world_size = _torchrun_environment()
+    if output is not None and rank == 0:  # rank 0 alone writes the report
+        check_writable(output)
+    dist, rank_device = init_distributed(world_size, rank, local_rank, backend, device, local_world_size)
     try:
         with _stop_on_signals() as stop, _training_progress(stop, enabled=dist.is_main) as callbacks:
             report = run_finetune(config, callbacks, dist, rank_device)
@@ -423,28 +450,40 @@ def finetune(
         out_console.print(finetune_table(report))
         if output is not None:
             _note(f"report written to {output}")
+    save_errors = [run["save_error"] for run in report["runs"] if run.get("save_error")]
+    for message in save_errors:
+        _note(f"randbp: error: {message} (the report keeps the finished runs)")
     if interrupted:
         _note("interrupted: the report holds what finished")
         raise typer.Exit(130)
+    if save_errors:
+        raise typer.Exit(1)
 
 
-def _torchrun_environment() -> tuple[int, int, int]:
-    """(world size, rank, local rank) as torchrun sets them; (1, 0, 0) for a plain launch."""
+def _torchrun_environment() -> tuple[int, int, int, int | None]:
+    """(world size, rank, local rank, local world size) as torchrun sets them; (1, 0, 0, None)
+    for a plain launch."""
     import os
 
-    def read(name: str, default: int) -> int:
+    def read(name: str, default):
         try:
-            return int(os.environ.get(name, default))
+            value = os.environ.get(name)
+            return default if value in (None, "") else int(value)
         except ValueError:
             raise RandbpError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
 
-    return read("WORLD_SIZE", 1), read("RANK", 0), read("LOCAL_RANK", 0)
+    return read("WORLD_SIZE", 1), read("RANK", 0), read("LOCAL_RANK", 0), read("LOCAL_WORLD_SIZE", None)
 
 
-def _is_secondary_rank() -> bool:
+def _secondary_rank() -> int | None:
+    """This process's rank when it is a torchrun worker other than rank 0, else None."""
     import os
 
-    return os.environ.get("RANK", "0") not in ("", "0")
+    try:
+        world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return rank if world_size > 1 and rank != 0 else None
 
 
 @app.command()
@@ -498,6 +537,8 @@ def variance(
     for path in (output, plot):
         if path is not None:
             check_writable(path)
+    if plot is not None:
+        _check_image_suffix(plot)
     with _stop_on_signals() as stop, _training_progress(stop) as callbacks:
         report = run_variance(config, callbacks)
     report["command"] = _command_line()

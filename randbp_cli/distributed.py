@@ -54,9 +54,10 @@ SINGLE = Distributed()
 
 
 def init_distributed(world_size: int, rank: int, local_rank: int, backend: str = "auto",
-                     device: str = "auto") -> tuple[Distributed, torch.device | None]:
+                     device: str = "auto", local_world_size: int | None = None) -> tuple[Distributed, torch.device | None]:
     """Join torchrun's process group. Returns the context and the device this rank must use
-    (None: let the caller resolve `device` as usual, for one process)."""
+    (None: let the caller resolve `device` as usual, for one process). Every check that can
+    fail runs on every rank before the group is joined, so rank 0 reports it and none hangs."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown --backend {backend!r}: choose auto, nccl or gloo")
     if world_size <= 1:
@@ -76,9 +77,12 @@ def init_distributed(world_size: int, rank: int, local_rank: int, backend: str =
         raise DeviceError("--device cuda was asked for but CUDA is not available on this machine; use --device cpu")
     run_device = None
     if want_cuda or device.startswith("cuda"):
-        if local_rank >= torch.cuda.device_count():
-            raise DeviceError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-                              "start at most one process per GPU (--nproc-per-node)")
+        per_node = max(local_world_size or 0, local_rank + 1)
+        if per_node > torch.cuda.device_count():
+            error = DeviceError(f"{per_node} processes on this node but {torch.cuda.device_count()} GPU(s): start at "
+                                "most one process per GPU (--nproc-per-node)")
+            error.rank_local = local_world_size is None  # without the node's size only this rank knows
+            raise error
         torch.cuda.set_device(local_rank)
         run_device = torch.device("cuda", local_rank)
     else:

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 
 class RandbpError(Exception):
-    """Base class: a problem the user can fix. `exit_code` is what the CLI exits with."""
+    """Base class: a problem the user can fix. `exit_code` is what the CLI exits with.
+
+    `rank_local`: under torchrun, only this process hit it (so it must speak for itself);
+    otherwise every rank raises the same error and rank 0 alone reports it.
+    """
 
     exit_code = 1
+    rank_local = False
 
 
 class ConfigError(RandbpError, ValueError):

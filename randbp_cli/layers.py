@@ -26,7 +26,7 @@ Caveats:
     built and stored in that dtype (like the half-precision copy autocast would have saved).
   * Layers that read the same input tensor (Q, K and V of an attention block) share one
     sketch of it (same seed, same stored tensor), so that input costs ρ of itself once, not
-    3ρ (METHOD §4.7). The shared sketch lives on the input tensor and dies with it; it is
+    3ρ (METHOD §4.7). The shared sketch is kept on the input tensor and dies with it; it is
     reused only while the tensor is unmodified and only by layers that have not used it yet.
 """
 
@@ -63,6 +63,13 @@ class SketchPlan:
 
 @dataclass
 class _SharedSketch:
+    """A sketch other layers reading the same input may reuse.
+
+    NOTE: held strongly, on the input tensor. Weak references would die as soon as a saved-
+    tensor hook (memory accounting, CPU offload) stores a copy instead of the object itself.
+    The cost is that the sketch (ρ of the input) lives as long as the input does.
+    """
+
     version: int
     k: int
     seed: int

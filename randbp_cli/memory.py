@@ -50,6 +50,37 @@ def _storage_bytes(t: Tensor) -> int:
         return t.numel() * t.element_size()
 
 
+def _as_saved(t: Tensor) -> Tensor:
+    """What a pack hook hands autograd: the same storage, without `t`'s own grad_fn.
+
+    NOTE: returning `t` itself would store an output inside its own grad_fn (node -> saved
+    tensor -> grad_fn -> node), a cycle in C++ that nothing collects: a forward that is never
+    backwarded (as when only bytes are measured) would then leak all its activations.
+    """
+    return t.detach()
+
+
+def _is_weight_copy(t: Tensor, weight: Tensor) -> bool:
+    """Is `t` a cast (or a transposed view of a cast) of `weight`, as autocast makes?
+
+    Judged by autograd history, not shape: a sketch or an input can have the weight's shape.
+    """
+    if t.dtype == weight.dtype or t.dim() != 2 or t.shape not in (weight.shape, weight.T.shape):
+        return False
+    fn, cast = t.grad_fn, False
+    for _ in range(4):  # view/transpose -> to(dtype) -> the weight's AccumulateGrad
+        if fn is None:
+            return False
+        if getattr(fn, "variable", None) is weight:
+            return cast
+        cast = cast or type(fn).__name__.startswith("ToCopyBackward")
+        parents = [f for f, _ in fn.next_functions if f is not None]
+        if len(parents) != 1:
+            return False
+        fn = parents[0]
+    return False
+
+
 def fold_layer_indices(name: str) -> str:
     """`roberta.encoder.layer.7.attention` -> `roberta.encoder.layer.*.attention`."""
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
@@ -131,8 +162,7 @@ class SavedTensorCounter:
         module = self._stack[-1][1] if self._stack else None
         if not isinstance(module, nn.Linear):
             return "other"
-        w = module.weight
-        if t.dtype != w.dtype and t.dim() == 2 and t.shape in (w.shape, w.T.shape):
+        if _is_weight_copy(t, module.weight):
             return "weight_copy"  # autocast's half-precision copy of the weight
         return "sketch" if isinstance(module, RandomizedLinear) else "linear"
 
@@ -140,19 +170,16 @@ class SavedTensorCounter:
         key = _storage_key(t)
         if key is None:
             key = ("untracked", id(t), 0)
-        if key in self._excluded:
-            return t
         nbytes = _storage_bytes(t)
-        if nbytes == 0:
-            return t
-        saver = self._saver(t)
-        entry = self._storages.get(key)
-        if entry is None:
-            module = self._stack[-1][0] if self._stack else ""
-            self._storages[key] = _Storage(nbytes, module, {saver})
-        else:
-            entry.savers.add(saver)
-        return t
+        if key not in self._excluded and nbytes:
+            saver = self._saver(t)
+            entry = self._storages.get(key)
+            if entry is None:
+                module = self._stack[-1][0] if self._stack else ""
+                self._storages[key] = _Storage(nbytes, module, {saver})
+            else:
+                entry.savers.add(saver)
+        return _as_saved(t)
 
     def stats(self) -> SavedTensorStats:
         stats = SavedTensorStats()
@@ -358,12 +385,11 @@ class RecomputeCounter(SavedTensorCounter):
     def _pack(self, t: Tensor) -> Tensor:
         unit = self._unit_of(self._stack[-1][0]) if self._stack else None
         key = _storage_key(t)
-        if unit is None or key is None or key in self._excluded:
-            return t
-        nbytes = _storage_bytes(t)
-        if nbytes:
-            self._per_unit[unit][key] = nbytes
-        return t
+        if unit is not None and key is not None and key not in self._excluded:
+            nbytes = _storage_bytes(t)
+            if nbytes:
+                self._per_unit[unit][key] = nbytes
+        return _as_saved(t)
 
     def unit_bytes(self) -> dict[str, int]:
         return {unit: sum(storages.values()) for unit, storages in self._per_unit.items()}

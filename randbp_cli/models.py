@@ -92,17 +92,30 @@ def _model_kwargs(num_labels: int, attn_implementation: str | None, dtype: torch
     return kwargs
 
 
+# what transformers raises for a config or checkpoint it cannot use (bad JSON, unknown
+# model_type, no sequence-classification head, an attention kernel that is not installed)
+_LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, TypeError)
+
+
+def _unusable(source: str, err: Exception) -> ModelNotFoundError:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return ModelNotFoundError(f"cannot build a sequence-classification model from {source!r}: {text[:300]}")
+
+
 def _from_config(config_source, num_labels, attn_implementation, dtype, seed):
     from transformers import AutoConfig
 
     kwargs = _model_kwargs(num_labels, attn_implementation, None)
-    config = AutoConfig.from_pretrained(str(config_source), **{k: v for k, v in kwargs.items()
-                                                               if k != "attn_implementation"})
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the same random init for every run with the same seed
-        model = _auto_class("sequence-classification").from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(str(config_source), **{k: v for k, v in kwargs.items()
+                                                                   if k != "attn_implementation"})
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same random init for every run with the same seed
+            model = _auto_class("sequence-classification").from_config(config)
+    except _LOAD_ERRORS as err:
+        raise _unusable(str(config_source), err) from None
     return model.to(dtype) if dtype is not None else model
 
 
@@ -119,8 +132,11 @@ def load_model(name: str, *, num_labels: int = 2, attn_implementation: str | Non
             raise ModelNotFoundError(f"model directory {str(path)!r} has no config.json: point --model "
                                      "at a checkpoint directory or a directory holding a config.json")
         if any((path / f).is_file() for f in WEIGHT_FILES):
-            return LoadedModel(auto.from_pretrained(str(path), **kwargs), str(path), "local",
-                               "pretrained", "checkpoint loaded from a local directory")
+            try:
+                model = auto.from_pretrained(str(path), **kwargs)
+            except _LOAD_ERRORS as err:
+                raise _unusable(str(path), err) from None
+            return LoadedModel(model, str(path), "local", "pretrained", "checkpoint loaded from a local directory")
         model = _from_config(path / "config.json", num_labels, attn_implementation, dtype, seed)
         return LoadedModel(model, str(path), "local-config", "random-init",
                            "the directory holds only a config.json: random weights")
@@ -130,15 +146,15 @@ def load_model(name: str, *, num_labels: int = 2, attn_implementation: str | Non
     try:  # the Hugging Face cache, without touching the network
         model = auto.from_pretrained(name, local_files_only=True, **kwargs)
         return LoadedModel(model, name, "hf-cache", "pretrained", "checkpoint from the Hugging Face cache")
-    except (OSError, ValueError):
+    except _LOAD_ERRORS:
         pass
     if not offline and hub_reachable():
         try:
             model = auto.from_pretrained(name, **kwargs)
             return LoadedModel(model, name, "hub", "pretrained", "checkpoint downloaded from the Hugging Face Hub")
-        except (OSError, ValueError) as err:
+        except _LOAD_ERRORS as err:
             if builtin_config_path(name) is None:
-                raise ModelNotFoundError(f"could not load model {name!r} from the Hub: {err}") from None
+                raise _unusable(name, err) from None
     config_path = builtin_config_path(name)
     if config_path is not None:
         model = _from_config(config_path, num_labels, attn_implementation, dtype, seed)

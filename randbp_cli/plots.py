@@ -19,10 +19,11 @@ def _pyplot():
 def plot_profile(report: dict, path, image_format: str = "png") -> None:
     """The paper's memory figure: activation MiB vs batch size per method, and time ratio vs exact."""
     plt = _pyplot()
+    from .profiling import method_label
+
     series: dict[str, list[dict]] = defaultdict(list)
     for r in report["results"]:
-        label = "exact" if r["method"] == "exact" else f"{r['sketch']} ρ={r['rho']:g}"
-        series[f"{label} (seq {r['seq_len']})"].append(r)
+        series[f"{method_label(r['method'], r['rho'], r['sketch'])} (seq {r['seq_len']})"].append(r)
     fig, (mem, tim) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=100)
     for label, rows in series.items():
         rows = sorted(rows, key=lambda r: r["batch_size"])

@@ -76,6 +76,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def method_label(method: str, rho: float | None, sketch: str | None) -> str:
+    """'exact', 'checkpoint', 'countsketch rho=0.1', 'checkpoint+countsketch rho=0.1'."""
+    if sketch is None or rho is None:
+        return method
+    what = f"{sketch} rho={rho:g}"
+    return f"checkpoint+{what}" if method.startswith("checkpoint") else what
+
+
 @dataclass(frozen=True)
 class ProfileCase:
     method: str  # one of METHODS
@@ -93,10 +101,7 @@ class ProfileCase:
 
     @property
     def label(self) -> str:
-        what = f"{self.sketch} rho={self.rho}" if self.randomized else self.method
-        if self.method == "checkpoint+randomized":
-            what = f"checkpoint+{what}"
-        return f"{what} b={self.batch_size}"
+        return f"{method_label(self.method, self.rho, self.sketch)} b={self.batch_size}"
 
 
 @dataclass

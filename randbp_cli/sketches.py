@@ -235,7 +235,7 @@ def _row_norm_probabilities(x: Tensor) -> Tensor:
     """pᵢ ∝ ‖xᵢ‖ in float32 (uniform when every row is zero)."""
     norms = x.float().norm(dim=1)
     total = norms.sum()
-    if not total > 0:
+    if not (total > 0 and torch.isfinite(total)):  # all zero, or NaN/inf (the loss will show it)
         return torch.full_like(norms, 1.0 / len(norms))
     return norms / total
 
@@ -308,7 +308,7 @@ class WTACRSSketch(_RowSampling):
         kept, rest = order[:c], order[c:]
         rest_norms = norms[rest]
         total = rest_norms.sum()
-        if len(rest) and not total > 0:
+        if len(rest) and not (total > 0 and torch.isfinite(total)):
             probabilities = torch.full_like(rest_norms, 1.0 / len(rest))
         else:
             probabilities = rest_norms / total if len(rest) else rest_norms

@@ -31,7 +31,7 @@ from .errors import ConfigError
 from .distributed import SINGLE, Distributed, all_reduce_sum, gather_objects, shard
 from .memory import NvmlSampler, RecomputeCounter, SavedTensorCounter, checkpoint_units, synchronize
 from .models import LoadedModel, load_model, max_sequence_length
-from .profiling import dtype_name, resolve_device, resolve_dtype, set_checkpointing
+from .profiling import dtype_name, method_label, resolve_device, resolve_dtype, set_checkpointing
 from .sketches import check_rho, get_sketch
 from .tasks import (TaskData, compute_metrics, get_task, load_custom, load_glue_dir, load_glue_hub,
                     synthetic_task)
@@ -280,9 +280,7 @@ def evaluate(model, loader, spec, device, dist: Distributed = SINGLE) -> dict:
 
 
 def _run_name(method: str, rho: float | None, sketch: str) -> str:
-    if not method.endswith("randomized"):
-        return method
-    return f"{'checkpoint+' if method.startswith('checkpoint') else ''}{sketch} rho={rho:g}"
+    return method_label(method, rho, sketch if method.endswith("randomized") else None)
 
 
 def _batch_tokens(batch) -> int:
@@ -505,9 +503,13 @@ def save_model(model, tokenizer, directory: Path) -> None:
         restore(model).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
+        old = None
+        if directory.exists():  # moved aside, not deleted, until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            directory.rename(old / directory.name)
         tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -532,8 +534,6 @@ def prepare(config: FinetuneConfig, device: torch.device | None = None) -> Prepa
     """Load the model (with the task's head) and the data, tokenize, and build the collator."""
     device = device or resolve_device(config.device)
     model_name = config.model_name()
-    if config.save_model:
-        _check_save_dir(Path(config.save_model))
     dtype = resolve_dtype(config.dtype)
     if config.custom_data:  # the labels decide the head: read the data first
         data = load_task_data(config, vocab_size=0)
@@ -571,6 +571,16 @@ def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None
 
     callbacks = callbacks or TrainCallbacks()
     config.validate()
+    if config.save_model and dist.is_main:  # rank 0 alone saves
+        _check_save_dir(Path(config.save_model))
+    if dist.enabled and not config.offline:
+        # every rank must load the same model and tokenizer: rank 0 decides whether the Hub is up
+        from dataclasses import replace
+
+        from .models import hub_reachable
+
+        reachable = gather_objects(dist, hub_reachable() if dist.is_main else None)[0]
+        config = replace(config, offline=not reachable)
     p = prepare(config, device)
     if dist.world_size > len(p.train_set):
         raise ConfigError(f"{dist.world_size} processes but only {len(p.train_set)} training examples: "
@@ -592,8 +602,11 @@ def run_finetune(config: FinetuneConfig, callbacks: TrainCallbacks | None = None
             target = Path(config.save_model)
             if len(config.runs()) > 1:
                 target = target / run["name"].replace(" ", "_").replace("=", "")
-            save_model(model, tokenizer, target)
-            run["saved_to"] = str(target)
+            try:
+                save_model(model, tokenizer, target)
+                run["saved_to"] = str(target)
+            except OSError as err:  # keep the finished runs: the report says what failed
+                run["save_error"] = f"could not save the model to {str(target)!r}: {err.strerror or err}"
         runs.append(run)
         if run["status"] == "interrupted":
             status = "interrupted"

@@ -201,14 +201,16 @@ def run_variance(config, callbacks=None) -> dict:
             with capture_linear_io(model, layers) as captured:
                 loss = model(**batch).loss
                 loss.backward()
-            for name in layers:
-                x, y = captured[name]
-                if y is None:  # the layer does not reach the loss (or its weight is frozen)
+            for layer_index, name in enumerate(layers):
+                x, y = captured.get(name, (None, None))
+                if y is None:  # the layer did not run, does not reach the loss, or its weight is frozen
                     continue
-                for sketch in config.sketches:
+                for sketch_index, sketch in enumerate(config.sketches):
+                    # its own seed stream: measuring never touches the RNG training draws from
+                    stream = ((config.seed * 1_000_003 + step) * 10_007 + layer_index) * 101 + sketch_index
                     records.append(variance_record(x, y, layer=name, step=step, sketch=sketch, rho=config.rho,
-                                                   repeats=config.repeats))
-            del captured, x, y
+                                                   repeats=config.repeats, seed=stream))
+            del captured
             losses[step] = loss.item()
         else:
             loss = model(**batch).loss

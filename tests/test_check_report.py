@@ -242,3 +242,21 @@ def test_report_bad_input(files, profile_report, finetune_report, make, needle):
     result = invoke("report", *make(files, profile_report, finetune_report))
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_cases_check_and_plot(tmp_path, files):
+    report = run_profile(ProfileConfig(model="roberta-tiny", rhos=[0.5], sketches=["crs"], batch_sizes=[2],
+                                       seq_len=16, steps=1, warmup=0, device="cpu",
+                                       methods=["randomized", "checkpoint", "checkpoint+randomized"]))
+    path = files("ckpt.json", report)
+    result = invoke("check", path, "--baseline", path, "--show-all")
+    assert result.exit_code == 0, result.output
+    assert "checkpoint+crs rho=0.5" in result.stdout and "tiny checkpoint b=2" in result.stdout
+    result = invoke("report", path, "--plot", tmp_path / "p.png")
+    assert result.exit_code == 0, result.output
+
+
+def test_plot_with_an_unknown_image_suffix(files, profile_report, tmp_path):
+    result = invoke("report", files("p.json", profile_report), "--plot", tmp_path / "plot.txt")
+    assert result.exit_code == 2 and "cannot draw a .txt file" in result.stderr
+    assert not (tmp_path / "plot.txt").exists()

@@ -113,3 +113,30 @@ def test_ctrl_c_on_torchrun_stops_every_rank_and_rank_0_reports(tmp_path):
     report = json.loads(out.read_text())
     assert report["status"] == "interrupted" and report["runs"][0]["status"] == "interrupted"
     assert 1 <= len([e for e in report["runs"][0]["epochs"] if e.get("eval")]) < 40
+
+
+def test_errors_every_rank_hits_are_said_once_by_rank_0(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = runner.invoke(app, ["finetune", *COMMON, "--rho", "7"])
+    assert result.exit_code == 2 and result.stderr == ""  # rank 0 says it
+    monkeypatch.setenv("RANK", "0")
+    result = runner.invoke(app, ["finetune", *COMMON, "--rho", "7"])
+    assert result.exit_code == 2 and "rho must be in (0, 1]" in result.stderr
+
+
+def test_an_error_only_one_rank_hits_is_said_by_that_rank(monkeypatch):
+    from randbp_cli import cli
+    from randbp_cli.errors import DeviceError
+
+    error = DeviceError("no GPU for this rank")
+    error.rank_local = True
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("randbp_cli.distributed.init_distributed", fail)
+    result = runner.invoke(cli.app, ["finetune", *COMMON])
+    assert result.exit_code == 2 and result.stderr.strip() == "rank 1: randbp: error: no GPU for this rank"

@@ -130,3 +130,34 @@ def test_cuda_phases_and_nvml_on_gpu():
     nvml = sampler.result()
     if nvml["available"]:
         assert nvml["peak_used_bytes"] > 0 and nvml["samples"] >= 1
+
+
+def test_a_forward_that_is_never_backwarded_is_freed():
+    """The pack hook must not tie an output into its own grad_fn: measuring bytes without a
+    backward (the budget search does) would otherwise leak every activation."""
+    import gc
+    import weakref
+
+    model = Toy()
+    kept = []
+    model.act.register_forward_hook(lambda m, i, o: kept.append(weakref.ref(o)))
+    x = torch.randn(10, 8)
+    with SavedTensorCounter(model, exclude=[x]):
+        loss = model(x).pow(2).sum()
+    del loss
+    gc.collect()
+    assert kept[0]() is None
+
+
+def test_autocast_sketch_shaped_like_the_weight_is_not_a_weight_copy():
+    """k × d_in can equal the weight's shape (here k = d_out = 8): judged by history, not shape."""
+    from randbp_cli import RandomizedLinear
+
+    layer = RandomizedLinear(6, 8, rho=0.5, sketch="gaussian")
+    x = torch.randn(16, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensorCounter(layer, exclude=[x]) as counter:
+        out = layer(x)
+    out.float().sum().backward()
+    stats = counter.stats()
+    assert stats.by_kind["sketches"] == 8 * 6 * 2  # the bf16 sketch, (k, d_in) = (8, 6)
+    assert stats.by_kind["weight_copies"] == 8 * 6 * 2  # and, separately, the bf16 weight

@@ -202,3 +202,20 @@ def test_checkpointing_with_randomized_layers_is_sound(tiny_roberta):
     plain, checkpointed = grads(False), grads(True)
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
+
+
+@pytest.mark.parametrize("config, needle", [
+    ({"model_type": "no-such-architecture"}, "cannot build"),
+    ({"model_type": "roberta", "hidden_size": 30, "num_attention_heads": 4}, "cannot build"),
+])
+def test_unusable_config_directory(tmp_path, config, needle):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = _invoke(["profile", "--model", str(tmp_path), "--steps", "1", "--warmup", "0", "--seq-len", "8"])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_attention_implementation():
+    result = _invoke(["profile", *TINY, "--attn-implementation", "warp-speed"])
+    assert result.exit_code == 2, result.output
+    assert "warp-speed" in result.stderr and len(result.stderr.strip().splitlines()) == 1

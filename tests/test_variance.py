@@ -133,3 +133,19 @@ def test_cli_bad_input(args, needle):
     assert len(lines) == 1 and needle in lines[0], result.stderr
     if needle == "matches no linear layer":
         assert "roberta.encoder.layer.0.attention.self.query" in lines[0]
+
+
+def test_measuring_does_not_change_the_training_it_measures():
+    """Measurement draws from its own seed stream: more repeats, same training losses."""
+    from randbp_cli.train import VarianceConfig
+    from randbp_cli.variance import run_variance
+
+    def losses(repeats):
+        report = run_variance(VarianceConfig(task="synthetic", max_train_samples=64, batch_size=8, repeats=repeats,
+                                             steps=4, every=2, train_rho=0.5, layers=["output.dense"],
+                                             device="cpu"))
+        return report["train_loss"], [r["d2_rmm_measured"] for r in report["records"]]
+
+    (few, measured_few), (many, _) = losses(2), losses(6)
+    assert few == many
+    assert measured_few == losses(2)[1]  # and the measurement itself is reproducible
