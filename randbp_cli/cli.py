@@ -97,11 +97,14 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 def _quiet_libraries() -> None:
     """Keep third-party chatter (weight-init warnings, download bars) off our stderr."""
-    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    try:  # a declared dependency, but `profile` and `report` do not need it
+        import datasets
+    except ImportError:
+        return
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
 

@@ -7,30 +7,37 @@
 # missing, carry its wheels — see the device tool's README — or that step is skipped, saying so).
 #
 #   scripts/gpu_check.sh OUT_DIR        # writes OUT_DIR/*.json and prints a summary
-set -euo pipefail
+set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 - <<'PY'
+failed=()
+# Each step runs even when an earlier one failed (a GPU lease is short); the exit status says which failed.
+step() { local name=$1; shift; echo "== $name"; local t0=$SECONDS; "$@"; local rc=$?
+         echo "== $name: exit $rc in $((SECONDS - t0)) s"; [ "$rc" -eq 0 ] || failed+=("$name"); }
+python3 - <<'PY' || exit 1
 import torch
 assert torch.cuda.is_available(), "no CUDA device visible to torch"
 print("torch", torch.__version__, "on", torch.cuda.device_count(), "x", torch.cuda.get_device_name(0))
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || true
 profile() { python3 -m randbp_cli profile --model roberta-base --device cuda --warmup 2 --steps 10 "$@"; }
-profile --rho 0.5 --rho 0.2 --rho 0.1 --sketch gaussian --sketch countsketch -b 8 -b 32 --seq-len 128 \
-  -o "$out/profile-roberta-base-cuda.json"
-profile --rho 0.5 --rho 0.1 --sketch gaussian --sketch countsketch -b 8 --seq-len 512 \
+step profile-seq128 profile --rho 0.5 --rho 0.2 --rho 0.1 --sketch gaussian --sketch countsketch -b 8 -b 32 \
+  --seq-len 128 -o "$out/profile-roberta-base-cuda.json"
+step profile-seq512 profile --rho 0.5 --rho 0.1 --sketch gaussian --sketch countsketch -b 8 --seq-len 512 \
   -o "$out/profile-roberta-base-cuda-seq512.json"
-profile --rho 0.1 --sketch countsketch --sketch crs --sketch srht --method randomized --method checkpoint \
-  --method checkpoint+randomized -b 32 --seq-len 128 -o "$out/methods-roberta-base-cuda.json"
+step methods profile --rho 0.1 --sketch countsketch --sketch crs --sketch srht --method randomized \
+  --method checkpoint --method checkpoint+randomized -b 32 --seq-len 128 -o "$out/methods-roberta-base-cuda.json"
 if python3 -c "import datasets" 2>/dev/null; then
   ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  python3 -m torch.distributed.run --nproc-per-node "$ngpu" --standalone -m randbp_cli finetune --task synthetic \
-    --rho 0.5 --compare --sketch countsketch -b 16 --device cuda -o "$out/finetune-synthetic-ddp-cuda.json"
+  step finetune-ddp python3 -m torch.distributed.run --nproc-per-node "$ngpu" --standalone -m randbp_cli finetune \
+    --task synthetic --rho 0.5 --compare --sketch countsketch -b 16 --device cuda \
+    -o "$out/finetune-synthetic-ddp-cuda.json"
 else
   echo "skipped the torchrun fine-tune: the package 'datasets' is not installed here"
 fi
-python3 -m pytest -q tests -m gpu 2>&1 | tail -n 5
+step gpu-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests
+if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}"; exit 1; fi
+echo "all GPU checks passed"
