@@ -75,7 +75,9 @@ def test_autocast_on_the_gpu():
 
 @requires_cuda
 def test_linear_bytes_are_the_same_on_cpu_and_gpu():
-    """What CI guards is device-independent: the linear layers' saved bytes match across devices."""
+    """The sketches' bytes, and the bytes of all linear-layer inputs, match across devices. How the
+    inputs split between "kept only by a linear layer" and "shared" does not: CUDA's fused attention
+    also saves its output, the attention output projection's input, which CPU attention does not."""
     from randbp_cli.profiling import ProfileConfig, run_profile
 
     by_device = {}
@@ -86,8 +88,9 @@ def test_linear_bytes_are_the_same_on_cpu_and_gpu():
                              for r in run_profile(config)["results"]}
     for case, kinds in by_device["cpu"].items():
         gpu = by_device["cuda"][case]
-        for kind in ("linear_inputs", "linear_inputs_shared", "sketches"):
-            assert gpu[kind] == kinds[kind], (case, kind)
+        assert gpu["sketches"] == kinds["sketches"], case
+        assert (gpu["linear_inputs"] + gpu["linear_inputs_shared"]
+                == kinds["linear_inputs"] + kinds["linear_inputs_shared"]), case
 
 
 @requires_cuda
