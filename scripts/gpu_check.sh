@@ -38,6 +38,21 @@ if python3 -c "import datasets" 2>/dev/null; then
 else
   echo "skipped the torchrun fine-tune: the package 'datasets' is not installed here"
 fi
+# A short real-task run when GLUE MRPC is at hand: GLUE_DIR (GLUE's TSV layout) or the datasets cache.
+# The model is roberta-base from the Hub cache when it is there (pretrained), else random-init (said in the report).
+if python3 - <<'PY' 2>/dev/null
+import os
+from randbp_cli.tasks import get_task, load_glue_dir, load_glue_hub
+spec = get_task("mrpc")
+load_glue_dir(os.environ["GLUE_DIR"], spec) if os.environ.get("GLUE_DIR") else load_glue_hub(spec, offline=True)
+PY
+then
+  step finetune-mrpc python3 -m randbp_cli finetune --task mrpc --model roberta-base --compare --rho 0.1 \
+    --sketch countsketch --max-steps 600 --device cuda ${GLUE_DIR:+--data-dir "$GLUE_DIR"} \
+    -o "$out/finetune-mrpc-cuda.json"
+else
+  echo "skipped the MRPC fine-tune: no GLUE data here (set GLUE_DIR to GLUE's files, or fill the datasets cache)"
+fi
 step gpu-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests
 if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}"; exit 1; fi
 echo "all GPU checks passed"
