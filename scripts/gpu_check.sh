@@ -9,9 +9,9 @@
 #   scripts/gpu_check.sh OUT_DIR        # writes OUT_DIR/*.json and prints a summary
 set -uo pipefail
 out=${1:-results}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
+mkdir -p "$out" || exit 1
+out=$(cd "$out" && pwd) || exit 1
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 failed=()
 # Each step runs even when an earlier one failed (a GPU lease is short); the exit status says which failed.
@@ -40,18 +40,19 @@ else
 fi
 # A short real-task run when GLUE MRPC is at hand: GLUE_DIR (GLUE's TSV layout) or the datasets cache.
 # The model is roberta-base from the Hub cache when it is there (pretrained), else random-init (said in the report).
-if python3 - <<'PY' 2>/dev/null
+if probe=$(python3 - 2>&1 <<'PY'
 import os
 from randbp_cli.tasks import get_task, load_glue_dir, load_glue_hub
 spec = get_task("mrpc")
 load_glue_dir(os.environ["GLUE_DIR"], spec) if os.environ.get("GLUE_DIR") else load_glue_hub(spec, offline=True)
 PY
-then
+); then
   step finetune-mrpc python3 -m randbp_cli finetune --task mrpc --model roberta-base --compare --rho 0.1 \
     --sketch countsketch --max-steps 600 --device cuda ${GLUE_DIR:+--data-dir "$GLUE_DIR"} \
     -o "$out/finetune-mrpc-cuda.json"
 else
-  echo "skipped the MRPC fine-tune: no GLUE data here (set GLUE_DIR to GLUE's files, or fill the datasets cache)"
+  echo "skipped the MRPC fine-tune: $(printf '%s\n' "$probe" | tail -n 1)"
+  echo "  (set GLUE_DIR to GLUE's files, or fill the datasets cache)"
 fi
 step gpu-tests python3 -m pytest -q -p no:cacheprovider -m gpu tests
 if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}"; exit 1; fi
