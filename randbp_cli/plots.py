@@ -16,6 +16,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, axes, path, image_format: str, legend_size: int) -> None:
+    """Grid and legend on every axis, then write the figure and free it."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, format=image_format)
+    plt.close(fig)
+
+
 def plot_profile(report: dict, path, image_format: str = "png") -> None:
     """The paper's memory figure: activation MiB vs batch size per method, and time ratio vs exact."""
     plt = _pyplot()
@@ -38,12 +48,7 @@ def plot_profile(report: dict, path, image_format: str = "png") -> None:
             title=f"activation memory: {model}")
     tim.set(xlabel="batch size (sequences)", ylabel="step time / exact step time (×)", title="time vs exact")
     tim.axhline(1.0, color="grey", linewidth=0.8)
-    for ax in (mem, tim):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format=image_format)
-    plt.close(fig)
+    _finish(plt, fig, (mem, tim), path, image_format, legend_size=7)
 
 
 def plot_finetune(report: dict, path, image_format: str = "png") -> None:
@@ -64,12 +69,7 @@ def plot_finetune(report: dict, path, image_format: str = "png") -> None:
     task = (report.get("task") or {}).get("task", "?")
     loss_ax.set(xlabel="epoch", ylabel="mean training loss (nats)", title=f"training loss: {task}")
     metric_ax.set(xlabel="epoch", ylabel=f"{metric} (first evaluation split)", title=f"{metric}: {task}")
-    for ax in (loss_ax, metric_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format=image_format)
-    plt.close(fig)
+    _finish(plt, fig, (loss_ax, metric_ax), path, image_format, legend_size=8)
 
 
 def plot_variance(report: dict, path, image_format: str = "png") -> None:
@@ -99,8 +99,4 @@ def plot_variance(report: dict, path, image_format: str = "png") -> None:
     ax.set_ylabel("(k/(B−1)) · D²_RMM / D²_SGD  (dimensionless, log scale)")
     ax.set_title(f"randomized vs SGD gradient variance: {config.get('task', '?')}, {config.get('model', '?')}, "
                  f"ρ = {config.get('rho', '?')}")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format=image_format)
-    plt.close(fig)
+    _finish(plt, fig, (ax,), path, image_format, legend_size=7)
