@@ -4,7 +4,14 @@
 modules that hold the very same Parameter objects (no copies), so an optimizer built before
 the conversion keeps stepping the right tensors. Everything is checked before anything is
 replaced: a bad pattern never leaves a half-converted model. `restore(model)` puts the
-original module objects back (hooks and all).
+original module objects back.
+
+Module hooks of every kind (forward, forward-pre, with kwargs, always-call, backward,
+backward-pre, full-backward, state-dict) keep working: the new module shares the original's
+hook dictionaries, so a handle taken before the conversion still removes its hook, and a
+hook added to the converted layer is there after `restore`. The converted layers share one
+`SketchSharing` scope (Q, K and V keep one sketch of their common input), bracketed by hooks
+on the model itself so that a sketch is shared within one forward pass only.
 
 Selection by name patterns (each pattern may match a module's full name exactly, its last
 components (`"query"` matches `...attention.self.query`), a shell glob
@@ -20,17 +27,19 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 from .errors import ConfigError
 from .layers import RandomizedLinear
-from .sketches import Sketch, check_rho, get_sketch
+from .sharing import SketchSharing
+from .sketches import DEFAULT_SKETCH, Sketch, check_rho, get_sketch
 
 log = logging.getLogger("randbp")
 
 _ORIGINAL_ATTR = "_randbp_original"
+_SHARING_ATTR = "_randbp_sharing_hooks"
 
 
 def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
@@ -94,7 +103,23 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def convert(model: nn.Module, rho: float, *, sketch: str | Sketch = "gaussian",
+def _share_hooks(original: nn.Module, layer: nn.Module) -> None:
+    """Make `layer` use `original`'s hook dictionaries (the same objects, so handles work on both)."""
+    for name, value in vars(original).items():
+        if name.endswith("hooks") or name.endswith("hooks_with_kwargs") or name.endswith("hooks_always_called"):
+            if isinstance(value, dict):
+                object.__setattr__(layer, name, value)
+    object.__setattr__(layer, "_is_full_backward_hook", getattr(original, "_is_full_backward_hook", None))
+
+
+def _bracket_passes(model: nn.Module, sharing: SketchSharing) -> None:
+    """Open and close a sharing pass around every forward of the model (even one that raises)."""
+    handles = (model.register_forward_pre_hook(sharing.begin_pass),
+               model.register_forward_hook(sharing.end_pass, always_call=True))
+    object.__setattr__(model, _SHARING_ATTR, handles)
+
+
+def convert(model: nn.Module, rho: float, *, sketch: str | Sketch = DEFAULT_SKETCH,
             include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
             min_rows: int = 1, share_sketch: bool = True) -> nn.Module:
     """Swap the selected nn.Linear modules for RandomizedLinear at compression rate `rho`.
@@ -109,16 +134,18 @@ def convert(model: nn.Module, rho: float, *, sketch: str | Sketch = "gaussian",
     # A module registered under two names (tied layers) must become one new module.
     originals = {name: model.get_submodule(name) for name in selected}
     replacements: dict[int, RandomizedLinear] = {}
+    sharing = SketchSharing()
     for original in originals.values():
         if id(original) not in replacements:
             layer = RandomizedLinear.from_linear(original, rho=rho, sketch=sketch,
                                                  min_rows=min_rows, share_sketch=share_sketch)
             object.__setattr__(layer, _ORIGINAL_ATTR, original)  # plain attribute, not a submodule
-            layer._forward_pre_hooks.update(original._forward_pre_hooks)
-            layer._forward_hooks.update(original._forward_hooks)
+            _share_hooks(original, layer)
+            layer.sharing = sharing
             replacements[id(original)] = layer
     for name, original in originals.items():
         model = _replace(model, name, replacements[id(original)])
+    _bracket_passes(model, sharing)
     log.info("randbp: converted %d linear layers to RandomizedLinear(rho=%s, sketch=%s)",
              len(selected), rho, sketch.name)
     return model
@@ -132,6 +159,10 @@ def converted_names(model: nn.Module) -> list[str]:
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo `convert`: put the original nn.Linear objects back. Returns the model."""
+    for handle in getattr(model, _SHARING_ATTR, ()):
+        handle.remove()
+    if hasattr(model, _SHARING_ATTR):
+        object.__delattr__(model, _SHARING_ATTR)
     for name in converted_names(model):
         layer = model.get_submodule(name) if name else model
         original = getattr(layer, _ORIGINAL_ATTR)
@@ -150,8 +181,3 @@ def describe_conversion(model: nn.Module) -> dict:
         "layers": {name: {"rho": m.rho, "sketch": m.sketch.name} for name, m in layers.items()},
     }
 
-
-def iter_randomized(model: nn.Module) -> Iterable[tuple[str, RandomizedLinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, RandomizedLinear):
-            yield name, module

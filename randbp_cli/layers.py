@@ -1,4 +1,4 @@
-"""Randomized linear layers: exact forward, sketched weight gradient (METHOD §1).
+"""Randomized linear layers: exact forward, sketched weight gradient (docs/method.md §1).
 
 Trade-off: a plain `nn.Linear` keeps its whole input X (N × d_in, N = all leading dims) alive
 until backward, only to form dW = Yᵀ X. `RandomizedLinear` keeps a sketch Sᵀ X (k × d_in,
@@ -9,12 +9,17 @@ What is saved for backward, exactly (through `ctx.save_for_backward`, so saved-t
 see all of it):
   * the sketch Sᵀ X, plus any index tensors a data-dependent sketch needs;
   * the weight (a parameter, kept alive by the model anyway) when an input gradient is needed.
-What is *not* saved: X, and S itself. S is regenerated in backward from a 63-bit seed kept
-as a plain integer. The seed is drawn afresh for every call from torch's global RNG, so two
-calls never share S by accident and `torch.manual_seed` reproduces a run bit for bit.
+What is *not* saved: X, and S itself. S is regenerated in backward from the seed drawn for
+this call from torch's RNG (`Sketch.draw_seed`), so two calls never share S by accident and
+`torch.manual_seed` reproduces a run bit for bit. The seed is kept on the autograd context,
+not saved: a Python int, or for the balanced sketch an 8-byte tensor on the input's device
+(saved-tensor hooks do not see those 8 bytes; under torch.compile it is saved properly).
 
 What is exact: the output, ∂L/∂X = Y W and ∂L/∂b = Σ rows of Y (the same as `nn.Linear`).
-Only ∂L/∂W is randomized.
+Only ∂L/∂W is randomized. Second-order gradients are the estimator's own: the sketch Sᵀ X is
+an output of the autograd node, so ∂(dW)/∂X flows back through S (S·g, `Sketch.transpose`),
+and Sᵀ dY is built from differentiable ops; both are linear in the data given S, so the
+second-order terms are unbiased too (Hessian-vector products, MAML, gradient penalties).
 
 Caveats:
   * Nothing is sketched or saved when no weight gradient is needed (`torch.no_grad()`,
@@ -25,13 +30,15 @@ Caveats:
   * Under `torch.autocast`, inputs are cast to the autocast dtype first, and the sketch is
     built and stored in that dtype (like the half-precision copy autocast would have saved).
   * Layers that read the same input tensor (Q, K and V of an attention block) share one
-    sketch of it (same seed, same stored tensor), so that input costs ρ of itself once, not
-    3ρ (METHOD §4.7). The shared sketch is kept on the input tensor and dies with it; it is
-    reused only while the tensor is unmodified and only by layers that have not used it yet.
+    sketch of it (same seed, same stored tensor) within one forward pass, so that input costs
+    ρ of itself once, not 3ρ (docs/method.md §4.7); `sharing.py` says when a sketch is shared
+    and how long it is kept.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -39,63 +46,142 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .sketches import Sketch, check_rho, get_sketch, sketch_rows
+from .sharing import DEFAULT_SHARING, SketchSharing
+from .sketches import DEFAULT_SKETCH, Sketch, check_rho, draw_seed, get_sketch, sketch_rows
 
-_SHARED_ATTR = "_randbp_shared_sketches"
 _AUTOCAST_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+__all__ = ["RandomizedLinear", "RandomizedLinearFunction", "SketchPlan", "draw_seed", "randomized_linear"]
 
-def draw_seed() -> int:
-    """A fresh 62-bit seed from torch's global (CPU) RNG; no device synchronisation."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+_plan_tokens = itertools.count(1)
 
 
 @dataclass(frozen=True)
 class SketchPlan:
-    """How one call sketches its input. `owner` identifies the layer for sharing."""
+    """How one layer sketches its input: validated once, reused by every call.
+
+    `token` stands for the layer when sketches are shared (an int, not the plan itself:
+    torch.compile treats frozen dataclasses as values, so two equal plans would be one user).
+    """
 
     sketch: Sketch
     rho: float
     min_rows: int = 1
     share: bool = True
-    owner: int = 0
+    token: int = field(default_factory=lambda: next(_plan_tokens))
+
+    def rows(self, n_rows: int) -> int:
+        return sketch_rows(n_rows, self.rho, self.min_rows)
+
+    def key(self, k: int, dtype: torch.dtype, rng_only: bool = False) -> tuple:
+        return (self.sketch.name, k, dtype, rng_only)
 
 
-@dataclass
-class _SharedSketch:
-    """A sketch other layers reading the same input may reuse.
+def make_plan(rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1, share: bool = True) -> SketchPlan:
+    """Validate the settings (one clear ConfigError per bad value) and build the plan."""
+    return SketchPlan(get_sketch(sketch), check_rho(rho), _check_min_rows(min_rows), bool(share))
 
-    NOTE: held strongly, on the input tensor. Weak references would die as soon as a saved-
-    tensor hook (memory accounting, CPU offload) stores a copy instead of the object itself.
-    The cost is that the sketch (ρ of the input) lives as long as the input does.
+
+def _check_min_rows(min_rows: int) -> int:
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+        raise ConfigError(f"min_rows must be an integer >= 1 (got {min_rows!r})")
+    return min_rows
+
+
+class RandomizedLinearFunction(torch.autograd.Function):
+    """out = x Wᵀ + b; backward: exact dX and db, dW = (Sᵀ dY)ᵀ (Sᵀ X).
+
+    Inputs: x, weight, bias, the plan, k, the seed, the sharing scope (or None), then either
+    nothing — this call sketches x and returns (out, *sketch) — or the sketch tensors another
+    layer made of the same x, which this call uses and returns out alone.
     """
 
-    version: int
-    k: int
-    seed: int
-    saved: tuple[Tensor, ...]
-    users: set[int] = field(default_factory=set)
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, k, seed, sharing, *shared):
+        ctx.set_materialize_grads(False)
+        out = F.linear(x, weight, bias)
+        ctx.plan, ctx.k, ctx.x_shape, ctx.device_type = plan, k, x.shape, x.device.type
+        ctx.shared = len(shared)
+        ctx.second_order = False
+        ctx.sharing = None if torch.compiler.is_compiling() else sharing
+        saved = shared
+        if not shared and k > 0:
+            saved = plan.sketch.compress(x.reshape(-1, x.shape[-1]), k, seed)  # (k, d_in), ...
+        keep_weight = weight if ctx.needs_input_grad[0] else None
+        # NOTE: the seed stays on ctx in eager mode (8 bytes at most, left out of the saved-
+        # tensor accounting so the reported bytes are the sketch's); a traced graph needs
+        # every tensor it reads in backward saved, so there a seed tensor is saved.
+        ctx.seed_saved = isinstance(seed, Tensor) and torch.compiler.is_compiling()
+        ctx.seed = None if ctx.seed_saved else seed
+        ctx.save_for_backward(keep_weight, *((seed,) if ctx.seed_saved else ()), *saved)
+        if shared:
+            return out
+        # Sᵀx is an output so that second-order gradients reach x through it; indices and
+        # scales of row-sampling sketches are not differentiable. A compiled graph cannot take
+        # a second derivative anyway, and would pass zeros through S for nothing.
+        ctx.second_order = ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
+        ctx.mark_non_differentiable(*(saved[1:] if ctx.second_order else saved))
+        return (out, *saved)
+
+    @staticmethod
+    def backward(ctx, grad_out, *grad_saved):
+        weight, *saved = ctx.saved_tensors
+        seed = saved.pop(0) if ctx.seed_saved else ctx.seed
+        if ctx.sharing is not None:
+            ctx.sharing.end_backward()
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(ctx.device_type, enabled=False):
+            if grad_out is not None:
+                grad_x, grad_w, grad_b = _first_order(ctx, grad_out, weight, seed, saved)
+            if ctx.second_order and grad_saved and grad_saved[0] is not None:
+                # second order only: d⟨g, Sᵀx⟩/dx = S g
+                through_sketch = ctx.plan.sketch.transpose(grad_saved[0], _rows(ctx.x_shape), seed, tuple(saved))
+                through_sketch = through_sketch.reshape(ctx.x_shape)
+                grad_x = through_sketch if grad_x is None else grad_x + through_sketch
+        return (grad_x, grad_w, grad_b, None, None, None, None) + (None,) * ctx.shared
 
 
-def _sketch_input(anchor: Tensor, x2: Tensor, k: int, plan: SketchPlan) -> tuple[int, tuple[Tensor, ...]]:
-    """Seed and saved tensors for this call: reuse the anchor's sketch if another layer made it."""
-    if not plan.share:
-        seed = draw_seed()
-        return seed, plan.sketch.compress(x2, k, seed)
-    key = (plan.sketch.name, k, x2.dtype)
-    cache: dict = getattr(anchor, _SHARED_ATTR, None) or {}
-    entry = cache.get(key)
-    if entry is not None and entry.version == anchor._version and plan.owner not in entry.users:
-        entry.users.add(plan.owner)
-        return entry.seed, entry.saved
-    seed = draw_seed()
-    saved = plan.sketch.compress(x2, k, seed)
-    cache[key] = _SharedSketch(anchor._version, k, seed, saved, {plan.owner})
-    setattr(anchor, _SHARED_ATTR, cache)
-    return seed, saved
+def _rows(shape: torch.Size) -> int:
+    n = 1
+    for size in shape[:-1]:
+        n *= size
+    return n
 
 
-def _draw_as_a_sketch_would(anchor: Tensor, n_rows: int, plan: SketchPlan) -> None:
+def _first_order(ctx, grad_out: Tensor, weight: Tensor | None, seed, saved: list[Tensor]):
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_out.matmul(weight)
+    y2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+    if ctx.needs_input_grad[1]:
+        if ctx.k == 0:  # no rows at all (N = 0): the exact gradient is zero
+            grad_w = grad_out.new_zeros(grad_out.shape[-1], ctx.x_shape[-1])
+        else:
+            sketched_y = ctx.plan.sketch.compress_grad(y2, ctx.k, seed, tuple(saved))
+            grad_w = sketched_y.T.mm(saved[0])  # (d_out, k) @ (k, d_in)
+    if ctx.needs_input_grad[2]:
+        grad_b = y2.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+def _sketched_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SketchPlan,
+                     sharing: SketchSharing | None, anchor: Tensor) -> Tensor:
+    """One grad-enabled call: reuse the sketch another layer made of `anchor`, or make one."""
+    k = plan.rows(x.numel() // x.shape[-1]) if x.shape[-1] else 0
+    key = plan.key(k, x.dtype)
+    found = sharing.take(anchor, key, plan.token) if sharing is not None and k > 0 else None
+    if found is not None:
+        seed, saved = found
+        return RandomizedLinearFunction.apply(x, weight, bias, plan, k, seed, sharing, *saved)
+    seed = plan.sketch.draw_seed(x.device) if k > 0 else None
+    out, *saved = RandomizedLinearFunction.apply(x, weight, bias, plan, k, seed, sharing)
+    if sharing is not None and k > 0:
+        sharing.offer(anchor, key, plan.token, seed, tuple(saved))
+    return out
+
+
+def _draw_as_a_sketch_would(x: Tensor, plan: SketchPlan, sharing: SketchSharing | None) -> None:
     """Consume the RNG exactly as the grad-enabled call would, without sketching anything.
 
     NOTE: activation checkpointing runs a training forward under no_grad, then restores the
@@ -105,88 +191,51 @@ def _draw_as_a_sketch_would(anchor: Tensor, n_rows: int, plan: SketchPlan) -> No
     pass) keeps both passes on one RNG stream, so the recompute is faithful and its sketch
     seeds equal those of a run without checkpointing.
     """
-    k = sketch_rows(n_rows, plan.rho, plan.min_rows)
+    k = plan.rows(x.numel() // max(x.shape[-1], 1))
     if k == 0:
         return
-    if not plan.share:
-        draw_seed()
+    key = plan.key(k, x.dtype, rng_only=True)
+    if sharing is not None and sharing.take(x, key, plan.token) is not None:
         return
-    key = ("rng-only", plan.sketch.name, k)
-    cache: dict = getattr(anchor, _SHARED_ATTR, None) or {}
-    entry = cache.get(key)
-    if entry is not None and entry.version == anchor._version and plan.owner not in entry.users:
-        entry.users.add(plan.owner)
-        return
-    cache[key] = _SharedSketch(anchor._version, k, draw_seed(), (), {plan.owner})
-    setattr(anchor, _SHARED_ATTR, cache)
+    seed = plan.sketch.draw_seed(x.device)
+    if sharing is not None:
+        sharing.offer(x, key, plan.token, seed, ())
 
 
-class RandomizedLinearFunction(torch.autograd.Function):
-    """out = x Wᵀ + b; backward: exact dX and db, dW = (Sᵀ dY)ᵀ (Sᵀ X)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: SketchPlan, anchor: tuple[Tensor]):
-        out = F.linear(x, weight, bias)
-        ctx.plan = plan
-        ctx.k = 0
-        ctx.in_features = x.shape[-1]
-        keep_weight = weight if ctx.needs_input_grad[0] else None
-        saved: tuple[Tensor, ...] = ()
-        if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-            ctx.k = sketch_rows(x2.shape[0], plan.rho, plan.min_rows)
-            if ctx.k > 0:
-                ctx.seed, saved = _sketch_input(anchor[0], x2, ctx.k, plan)
-        ctx.save_for_backward(keep_weight, *saved)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        weight, *saved = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        with torch.autocast(grad_out.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_out.matmul(weight)
-            y2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
-            if ctx.needs_input_grad[1]:
-                if ctx.k == 0:  # no rows at all (N = 0): the exact gradient is zero
-                    grad_w = grad_out.new_zeros(grad_out.shape[-1], ctx.in_features)
-                else:
-                    sketched_y = ctx.plan.sketch.compress_grad(y2, ctx.k, ctx.seed, tuple(saved))
-                    grad_w = sketched_y.T.mm(saved[0])  # (d_out, k) @ (k, d_in)
-            if ctx.needs_input_grad[2]:
-                grad_b = y2.sum(0)
-        return grad_x, grad_w, grad_b, None, None
-
-
-def randomized_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, rho: float = 0.5,
-                      sketch: str | Sketch = "gaussian", min_rows: int = 1, share: bool = True,
-                      owner: int = 0, training: bool = False) -> Tensor:
-    """Functional form of `RandomizedLinear`: same output as `F.linear(x, weight, bias)`.
-
-    `training=True` marks a training forward: run under no_grad (checkpointing's first pass),
-    it still draws the seeds it would sketch with, so the RNG stream matches the recompute.
-    """
+def randomized_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SketchPlan,
+                       sharing: SketchSharing | None, training: bool) -> Tensor:
+    """`F.linear(x, weight, bias)` with the weight gradient sketched as `plan` says."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         if training and weight.requires_grad and x.dim() > 0:
-            plan = SketchPlan(get_sketch(sketch), check_rho(rho), _check_min_rows(min_rows), share, owner)
-            _draw_as_a_sketch_would(x, x.numel() // max(x.shape[-1], 1), plan)
-        return F.linear(x, weight, bias)  # no weight gradient: nothing to sketch (METHOD §4.3)
-    plan = SketchPlan(get_sketch(sketch), check_rho(rho), _check_min_rows(min_rows), share, owner)
+            _draw_as_a_sketch_would(x, plan, sharing if plan.share else None)
+        return F.linear(x, weight, bias)  # no weight gradient: nothing to sketch (docs/method.md §4.3)
+    sharing = sharing if plan.share else None
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and x.dtype in _AUTOCAST_INPUT_DTYPES:
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return RandomizedLinearFunction.apply(
-                x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), plan, (x,)
-            )
-    return RandomizedLinearFunction.apply(x, weight, bias, plan, (x,))
+            return _sketched_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                                    plan, sharing, anchor=x)
+    return _sketched_linear(x, weight, bias, plan, sharing, anchor=x)
 
 
-def _check_min_rows(min_rows: int) -> int:
-    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-        raise ConfigError(f"min_rows must be an integer >= 1 (got {min_rows!r})")
-    return min_rows
+@functools.lru_cache(maxsize=256)
+def _functional_plan(sketch: str | Sketch, rho: float, min_rows: int, share: bool, owner: int) -> SketchPlan:
+    return make_plan(rho, sketch, min_rows, share)
+
+
+def randomized_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, rho: float = 0.5,
+                      sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1, share: bool = True,
+                      owner: int = 0, training: bool = False) -> Tensor:
+    """Functional form of `RandomizedLinear`: same output as `F.linear(x, weight, bias)`.
+
+    `owner` names the caller for sketch sharing (calls with the same owner never share with
+    each other). `training=True` marks a training forward: run under no_grad (checkpointing's
+    first pass), it still draws the seeds it would sketch with, so the RNG stream matches the
+    recompute.
+    """
+    plan = _functional_plan(sketch, rho, min_rows, share, owner)
+    return randomized_forward(x, weight, bias, plan, DEFAULT_SHARING, training)
 
 
 class RandomizedLinear(nn.Linear):
@@ -200,21 +249,25 @@ class RandomizedLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rho: float = 0.5,
-                 sketch: str | Sketch = "gaussian", min_rows: int = 1, share_sketch: bool = True,
+                 sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1, share_sketch: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.sharing: SketchSharing = DEFAULT_SHARING
         self.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch)
 
-    def configure(self, *, rho: float, sketch: str | Sketch = "gaussian", min_rows: int = 1,
+    def configure(self, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1,
                   share_sketch: bool = True) -> "RandomizedLinear":
-        self.rho = check_rho(rho)
-        self.sketch = get_sketch(sketch)
-        self.min_rows = _check_min_rows(min_rows)
-        self.share_sketch = bool(share_sketch)
+        """Validate the settings once and build the plan every forward reuses."""
+        self.plan = make_plan(rho, sketch, min_rows, share_sketch)
         return self
 
+    rho = property(lambda self: self.plan.rho)
+    sketch = property(lambda self: self.plan.sketch)
+    min_rows = property(lambda self: self.plan.min_rows)
+    share_sketch = property(lambda self: self.plan.share)
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, rho: float, sketch: str | Sketch = "gaussian",
+    def from_linear(cls, linear: nn.Linear, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH,
                     min_rows: int = 1, share_sketch: bool = True) -> "RandomizedLinear":
         """A RandomizedLinear holding the *same* Parameter objects as `linear` (no copies)."""
         layer = cls.__new__(cls)
@@ -223,12 +276,11 @@ class RandomizedLinear(nn.Linear):
         layer.weight = linear.weight
         layer.register_parameter("bias", linear.bias)
         layer.train(linear.training)
+        layer.sharing = DEFAULT_SHARING
         return layer.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch)
 
     def forward(self, x: Tensor) -> Tensor:
-        return randomized_linear(x, self.weight, self.bias, rho=self.rho, sketch=self.sketch,
-                                 min_rows=self.min_rows, share=self.share_sketch, owner=id(self),
-                                 training=self.training)
+        return randomized_forward(x, self.weight, self.bias, self.plan, self.sharing, self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rho={self.rho}, sketch={self.sketch.name}"

@@ -5,9 +5,17 @@ returns (the first tensor is always Sᵀx, k × d_in); the backward pass calls
 `compress_grad(y, k, seed, saved)` to apply the very same S to the incoming gradient, by
 regenerating it from the seed (or, for data-dependent sketches, from the saved indices).
 Then `(Sᵀy)ᵀ(Sᵀx) = yᵀ S Sᵀ x` is an unbiased estimate of the weight gradient `yᵀx`.
+`transpose(g, n_rows, seed, saved)` applies S itself (S g, N × d): the derivative of Sᵀx,
+which second-order gradients need.
 
-S is built in the input's dtype and on its device from a `torch.Generator` seeded with the
-per-call seed, so the same seed gives the same S in forward and backward, on any device.
+Seeds: `draw_seed(device)` draws one per sketched input from torch's RNG, so
+`torch.manual_seed` reproduces a run. The balanced sketch (the default) derives S from a
+counter-based hash of the seed (`balanced.py`): its seed is an int64 tensor drawn on the
+input's device — CUDA graphs and torch.compile then replay with a fresh seed — and all 64
+bits of it matter. The other sketches build S in the input's dtype and on its device from a
+`torch.Generator` seeded with a Python int drawn from the CPU generator; a CPU generator
+uses only the low 32 bits of its seed (a CUDA one all 64), so on a CPU two calls share S
+with probability 2⁻³² rather than 2⁻⁶².
 
 `variance(x, y, k)` is the closed form of E‖Ĝ − G‖²_F for G = xᵀy (METHOD §2): what
 `randbp variance` compares against the Monte-Carlo measurement.
@@ -22,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from . import ops
 from .errors import ConfigError
 
 # NOTE: a dense sketch of N = 16k tokens at k = 8k would be a 512 MiB matrix; we generate it
@@ -42,6 +51,14 @@ def check_rho(rho: float) -> float:
             "e.g. 0.5 or 0.1"
         )
     return float(rho)
+
+
+DEFAULT_SKETCH = "balanced"
+
+
+def draw_seed() -> int:
+    """A fresh 62-bit seed from torch's global (CPU) RNG; no device synchronisation."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -78,8 +95,16 @@ class Sketch(ABC):
         """y: (N, d_out). Returns Sᵀy, (k, d_out), with the S used by `compress`."""
 
     @abstractmethod
+    def transpose(self, g: Tensor, n_rows: int, seed, saved: tuple[Tensor, ...]) -> Tensor:
+        """g: (k, d). Returns S g, (n_rows, d): the transpose of `compress`, for second order."""
+
+    @abstractmethod
     def variance(self, x: Tensor, y: Tensor, k: int) -> float:
         """Closed-form E‖yᵀSSᵀx − yᵀx‖²_F."""
+
+    def draw_seed(self, device: torch.device):
+        """A fresh seed for one sketched input (a host int from torch's CPU RNG by default)."""
+        return draw_seed()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -109,6 +134,13 @@ class _DenseSketch(Sketch):
 
     def compress_grad(self, y: Tensor, k: int, seed: int, saved: tuple[Tensor, ...]) -> Tensor:
         return self._apply(y, k, seed)
+
+    def transpose(self, g: Tensor, n_rows: int, seed: int, saved: tuple[Tensor, ...]) -> Tensor:
+        k = g.shape[0]
+        gen = _generator(g.device, seed)
+        block = max(1, DENSE_BLOCK_ELEMENTS // max(k, 1))
+        parts = [self._draw((min(block, n_rows - start), k), gen, g).mm(g) for start in range(0, n_rows, block)]
+        return torch.cat(parts).mul_(1.0 / math.sqrt(k)) if parts else g.new_zeros(0, g.shape[1])
 
 
 class GaussianSketch(_DenseSketch):
@@ -173,9 +205,60 @@ class CountSketch(Sketch):
     def compress_grad(self, y, k, seed, saved):
         return self._apply(y, k, seed)
 
+    def transpose(self, g, n_rows, seed, saved):
+        index = self._buckets(n_rows, g.shape[0], seed, g.device)
+        return torch.cat([g, -g]).index_select(0, index)  # row i: sᵢ · g_{h(i)}
+
     def variance(self, x, y, k):
         xy, grad, diag = _frobenius_terms(x, y)
         return (xy + grad - 2 * diag) / k
+
+
+class BalancedSketch(Sketch):
+    """Countsketch with balanced buckets: a seeded permutation lays the N rows out in a line cut
+    into k groups of ⌊N/k⌋ or ⌈N/k⌉, one bucket per group, and a random sign per row
+    (`balanced.py` has the construction and the proof that E[S Sᵀ] = I).
+
+    Two rows share a bucket with probability q = Σⱼ nⱼ(nⱼ − 1)/(N(N − 1)) — (N/k − 1)/(N − 1)
+    when k divides N, below countsketch's 1/k — so the variance is countsketch's times q·k,
+    and zero at k = N. S comes from a hash of (seed, index): one fused kernel on CUDA (no
+    atomics: bit-reproducible), the torch reference elsewhere, the same S on every device.
+    """
+
+    name = "balanced"
+    cost = "O(N·d)"
+    description = "countsketch with balanced buckets (⌊N/k⌋ or ⌈N/k⌉ rows each); one fused kernel on CUDA"
+
+    def draw_seed(self, device):
+        # on the input's device: a CUDA graph or a compiled graph replays this op, so every
+        # replay sketches with a fresh seed (a host int would be baked in: the same S forever)
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+    @staticmethod
+    def _seed(seed, device) -> Tensor:
+        return seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device=device)
+
+    def compress(self, x, k, seed):
+        return (ops.balanced_sketch(x, k, self._seed(seed, x.device)),)
+
+    def compress_grad(self, y, k, seed, saved):
+        return ops.balanced_sketch(y, k, self._seed(seed, y.device))
+
+    def transpose(self, g, n_rows, seed, saved):
+        return ops.balanced_unsketch(g, n_rows, self._seed(seed, g.device))
+
+    @staticmethod
+    def collision_probability(n_rows: int, k: int) -> float:
+        """q: the probability that two given rows share a bucket."""
+        if n_rows <= 1:
+            return 0.0
+        size, big = divmod(n_rows, k)
+        return (big * (size + 1) * size + (k - big) * size * (size - 1)) / (n_rows * (n_rows - 1))
+
+    def variance(self, x, y, k):
+        n_rows = x.reshape(-1, x.shape[-1]).shape[0]
+        xy, grad, diag = _frobenius_terms(x, y)
+        return self.collision_probability(n_rows, k) * (xy + grad - 2 * diag)
 
 
 def _hadamard_rows(a: Tensor) -> Tensor:
@@ -207,12 +290,17 @@ class SRHTSketch(Sketch):
     def _padded(n: int) -> int:
         return 1 << max(0, (n - 1).bit_length())
 
+    def _signs_and_rows(self, n_rows: int, k: int, seed: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """D's diagonal (n_rows × 1) and R's kept rows, drawn in this order from the seed."""
+        gen = _generator(like.device, seed)
+        signs = torch.empty(n_rows, 1, device=like.device, dtype=like.dtype).bernoulli_(0.5, generator=gen)
+        keep = torch.randperm(self._padded(n_rows), generator=gen, device=like.device)[:k]
+        return signs.mul_(2).sub_(1), keep
+
     def _apply(self, a: Tensor, k: int, seed: int) -> Tensor:
         n_rows, d = a.shape
         n = self._padded(n_rows)
-        gen = _generator(a.device, seed)
-        signs = torch.empty(n_rows, 1, device=a.device, dtype=a.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
-        keep = torch.randperm(n, generator=gen, device=a.device)[:k]
+        signs, keep = self._signs_and_rows(n_rows, k, seed, a)
         padded = a.new_zeros(n, d)
         padded[:n_rows] = a * signs
         return _hadamard_rows(padded)[keep].mul_(math.sqrt(n / k))
@@ -222,6 +310,14 @@ class SRHTSketch(Sketch):
 
     def compress_grad(self, y, k, seed, saved):
         return self._apply(y, k, seed)
+
+    def transpose(self, g, n_rows, seed, saved):
+        # S = √(n/k) · D · H · Rᵀ (H is symmetric): scatter g to the kept rows, transform, sign
+        k, d = g.shape
+        n = self._padded(n_rows)
+        signs, keep = self._signs_and_rows(n_rows, k, seed, g)
+        spread = g.new_zeros(n, d).index_copy(0, keep, g * math.sqrt(n / k))
+        return _hadamard_rows(spread)[:n_rows] * signs
 
     def variance(self, x, y, k):
         # Every |Hⱼᵢ|² = 1/n, so averaging over the signs D gives the Rademacher terms; sampling k
@@ -248,6 +344,12 @@ class _RowSampling(Sketch):
     def compress_grad(self, y, k, seed, saved):
         _, index, scale = saved
         return y[index] * scale[:, None]
+
+    def transpose(self, g, n_rows, seed, saved):
+        # the sampled rows and their scales are fixed given the draw: Ĝ is linear in x with
+        # weights of mean 1, so this derivative is unbiased (docs/method.md, second order)
+        _, index, scale = saved
+        return g.new_zeros(n_rows, g.shape[1]).index_add_(0, index, g * scale[:, None])
 
     @staticmethod
     def _sampled_variance(x: Tensor, y: Tensor, probabilities: Tensor, draws: int) -> float:
@@ -342,7 +444,8 @@ class WTACRSSketch(_RowSampling):
 
 
 SKETCHES: dict[str, type[Sketch]] = {
-    cls.name: cls for cls in (GaussianSketch, RademacherSketch, CountSketch, SRHTSketch, CRSSketch, WTACRSSketch)
+    cls.name: cls for cls in (BalancedSketch, GaussianSketch, RademacherSketch, CountSketch, SRHTSketch, CRSSketch,
+                              WTACRSSketch)
 }
 
 
