@@ -9,12 +9,16 @@ scheduling. The seed is read from a device tensor, so a CUDA graph replays with 
 seed the graph's RNG op wrote this time. No S, bucket or sign tensor ever exists in memory.
 
 Triton is optional: without it (or without a GPU) the reference runs instead. With
-TRITON_INTERPRET=1 the kernel also runs on CPU tensors, which is how CI tests it.
+TRITON_INTERPRET=1 set before this module is imported, the kernel also runs on CPU tensors
+(slowly): `sketch` can be called directly, and inside `kernel_on_cpu()` the layers use it on
+a CPU too. That is how CI tests the kernel and how `benchmarks/layer_overhead.py` counts the
+fused path's ops on a CPU.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -27,6 +31,9 @@ try:  # shipped with torch's CUDA builds; optional on CPU-only machines
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
+_ON_CPU = False
+
+
 def available() -> bool:
     return triton is not None
 
@@ -36,9 +43,23 @@ def interpreted() -> bool:
     return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@contextmanager
+def kernel_on_cpu():
+    """Route CPU tensors through the (interpreted) kernel instead of the reference."""
+    global _ON_CPU
+    if not interpreted():
+        raise RuntimeError("the kernel runs on a CPU only under Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before importing randbp_cli (and install triton)")
+    previous, _ON_CPU = _ON_CPU, True
+    try:
+        yield
+    finally:
+        _ON_CPU = previous
+
+
 def runs_on(a: Tensor) -> bool:
-    """Whether `sketch` can run on a's device here (CUDA with Triton, or the interpreter)."""
-    return triton is not None and (a.is_cuda or (interpreted() and a.device.type == "cpu"))
+    """Whether the layers use the kernel for `a`: on CUDA with Triton, or inside `kernel_on_cpu()`."""
+    return triton is not None and (a.is_cuda or (_ON_CPU and a.device.type == "cpu"))
 
 
 if triton is not None:

@@ -10,6 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU tensors (before any import of them)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 def requires_cuda(test):
     """Marks a test `gpu` and skips it cleanly on machines without CUDA."""
     skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

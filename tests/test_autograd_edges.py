@@ -164,7 +164,11 @@ def test_no_sketch_kept_alive_under_non_reentrant_checkpointing(tiny_roberta):
     grad enabled: no sketch may stay alive past the layers that use it. Live bytes after the
     forward (every CPU allocation still held) must not exceed exact's."""
     model = tiny_roberta
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5 names it so
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     batch = tiny_batch(model, batch_size=8, seq_len=32)
     live = {}

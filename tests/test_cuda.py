@@ -107,3 +107,91 @@ def test_profile_cli_reports_allocator_and_nvml_numbers():
         assert r["nvml"]["available"] in (True, False)
         if not r["nvml"]["available"]:
             assert r["nvml"]["reason"]
+
+
+# ---------------------------------------------------------------------------- the fused balanced sketch on CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n_rows, cols, k", [(1, 8, 1), (1000, 768, 100), (4096, 3072, 2048), (333, 130, 333)])
+def test_fused_kernel_matches_the_reference_on_the_gpu(dtype, n_rows, cols, k):
+    """The same S on both devices (exactly: sketch the identity) and values to fp32 rounding."""
+    from randbp_cli import balanced, balanced_triton
+
+    seed = torch.tensor(2**62 - 987654321, dtype=torch.int64, device=CUDA)
+    if n_rows <= 1000:
+        eye = torch.eye(n_rows, dtype=torch.float64, device=CUDA)
+        assert torch.equal(balanced_triton.sketch(eye, k, seed).cpu(), balanced.sketch_reference(eye.cpu(), k, int(seed)))
+    a = torch.randn(n_rows, cols, device=CUDA).to(dtype)
+    fused = balanced_triton.sketch(a, k, seed)
+    reference = balanced.sketch_reference(a.cpu(), k, int(seed))
+    assert fused.dtype == dtype
+    scale = float(a.double().abs().max()) * max(1.0, math.sqrt(n_rows / k))
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert float((fused.cpu().double() - reference.double()).abs().max()) <= tolerance * scale
+
+
+@requires_cuda
+def test_balanced_runs_bit_for_bit_again_without_deterministic_algorithms():
+    """Each output row is owned by one program (no atomics): a seed reproduces the gradient exactly."""
+    layer = RandomizedLinear(256, 512, rho=0.1, sketch="balanced").to(CUDA)
+    x = torch.randn(8, 512, 256, device=CUDA)
+
+    def grad():
+        torch.manual_seed(3)
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+        return layer.weight.grad.clone()
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(grad(), grad())
+
+
+@requires_cuda
+def test_every_cuda_graph_replay_sketches_with_a_fresh_seed():
+    """A seed baked into a captured graph would repeat one S forever (the reference code's bug)."""
+    layer = RandomizedLinear(64, 32, rho=0.25, sketch="balanced").to(CUDA)
+    x = torch.randn(128, 64, device=CUDA)
+    static_grad = torch.zeros_like(layer.weight)
+
+    def step():
+        layer.weight.grad = None
+        layer(x).square().sum().backward()
+        static_grad.copy_(layer.weight.grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append(static_grad.clone())
+    assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2])
+    exact = 2 * layer(x).detach().T @ x  # the mean of many replays is the exact gradient
+    many = torch.stack([replays[0]] + [(graph.replay(), static_grad.clone())[1] for _ in range(400)])
+    se = many.std(0) / math.sqrt(len(many))
+    assert float(((many.mean(0) - exact) / se.clamp_min(1e-6)).abs().max()) < 6
+
+
+@requires_cuda
+def test_compiled_reduce_overhead_draws_a_fresh_sketch_each_step():
+    from randbp_cli import convert
+
+    model = convert(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).to(CUDA), 0.25, sketch="balanced")
+    compiled = torch.compile(model, mode="reduce-overhead")
+    x = torch.randn(256, 64, device=CUDA)
+    grads = []
+    for _ in range(6):
+        model.zero_grad(set_to_none=True)
+        compiled(x).square().sum().backward()
+        grads.append(model[0].weight.grad.clone())
+    assert all(not torch.equal(a, b) for a, b in zip(grads[2:], grads[3:]))
+    torch._dynamo.reset()

@@ -1,0 +1,241 @@
+"""The balanced sketch: its construction (buckets, signs, hash), its collision rate and closed-form
+variance, the fused Triton kernel held to the torch reference (on CPU under TRITON_INTERPRET=1),
+the op count of a layer step, and torch.compile (no graph break, fresh S, shared Q/K/V sketch)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from randbp_cli import RandomizedLinear, balanced, balanced_triton, convert
+from randbp_cli.sketches import BalancedSketch, get_sketch
+
+from conftest import tiny_batch
+
+needs_triton = pytest.mark.skipif(not balanced_triton.interpreted() and not torch.cuda.is_available(),
+                                  reason="needs triton (its interpreter on CPU, or a GPU)")
+
+
+# ---------------------------------------------------------------------------- construction
+
+
+def _scalar_row(position: int, n_rows: int, seed: int) -> int:
+    """σ(p) straight from balanced.py's docstring, in plain Python ints: an independent spec."""
+    keys = balanced.seed_keys(seed)
+    h = balanced.half_bits(n_rows)
+    mask = (1 << h) - 1
+
+    def feistel(x):
+        left, right = x >> h, x & mask
+        for key in keys[:balanced.ROUNDS]:
+            left, right = right, left ^ (balanced.mix32(right ^ key) & mask)
+        return (left << h) | right
+
+    x = feistel(position)
+    while x >= n_rows:
+        x = feistel(x)
+    return x
+
+
+@pytest.mark.parametrize("n_rows, k", [(1, 1), (2, 1), (10, 3), (37, 5), (64, 64), (100, 7)])
+def test_every_row_in_one_bucket_of_balanced_size(n_rows, k):
+    bucket, signs = balanced.buckets_and_signs(n_rows, k, seed=12345)
+    counts = torch.bincount(bucket, minlength=k)
+    assert int(counts.sum()) == n_rows and len(counts) == k
+    assert set(counts.tolist()) <= {n_rows // k, -(-n_rows // k)}
+    assert set(signs.tolist()) <= {-1, 1}
+    rows, _ = balanced.line_layout(n_rows, k, 12345)
+    assert sorted(rows.tolist()) == list(range(n_rows))  # σ is a permutation
+    assert rows.tolist() == [_scalar_row(p, n_rows, 12345) for p in range(n_rows)]
+
+
+def test_all_64_seed_bits_matter_and_seeds_differ():
+    base = balanced.buckets_and_signs(50, 10, 7)
+    for seed in (7 + 2**40, 7 + 2**61, 8):
+        other = balanced.buckets_and_signs(50, 10, seed)
+        assert not (torch.equal(base[0], other[0]) and torch.equal(base[1], other[1]))
+    again = balanced.buckets_and_signs(50, 10, 7)
+    assert torch.equal(base[0], again[0]) and torch.equal(base[1], again[1])
+
+
+@pytest.mark.parametrize("n_rows, k", [(10, 5), (7, 3), (33, 5)])
+def test_pair_collisions_match_the_closed_form_and_signs_are_independent(n_rows, k):
+    """P(rows i ≠ j share a bucket) = q for every pair (what the variance formula assumes), and
+    E[S Sᵀ] = I. 8000 seeds: the standard error of one pair's rate is about 0.005."""
+    repeats = 8000
+    together = torch.zeros(n_rows, n_rows)
+    product = torch.zeros(n_rows, n_rows)
+    for seed in range(repeats):
+        bucket, signs = balanced.buckets_and_signs(n_rows, k, seed * 2654435761 + 1)
+        same = (bucket[:, None] == bucket[None, :]).float()
+        together += same
+        product += same * (signs[:, None] * signs[None, :]).float()
+    q = BalancedSketch.collision_probability(n_rows, k)
+    off = ~torch.eye(n_rows, dtype=torch.bool)
+    rate = together[off] / repeats
+    se = math.sqrt(q * (1 - q) / repeats)
+    assert float((rate - q).abs().max()) < 5 * se
+    assert float((product[off] / repeats).abs().max()) < 5 / math.sqrt(repeats)
+
+
+def test_collision_probability_formula():
+    assert BalancedSketch.collision_probability(100, 10) == pytest.approx((10 - 1) / 99)
+    assert BalancedSketch.collision_probability(8, 8) == 0.0  # k = N: exact
+    assert BalancedSketch.collision_probability(1, 1) == 0.0
+    assert BalancedSketch.collision_probability(7, 3) == pytest.approx((3 * 2 + 2 * 2 * 1) / 42)
+
+
+def test_keeping_every_row_is_exact():
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    sketch = get_sketch("balanced")
+    saved = sketch.compress(x, 9, 5)
+    assert torch.allclose(sketch.compress_grad(y, 9, 5, saved).T @ saved[0], y.T @ x)
+    assert sketch.variance(x, y, 9) == 0.0
+
+
+def test_reference_accumulates_half_precision_in_float32():
+    x = torch.full((64, 3), 1.0 / 3).to(torch.bfloat16)
+    out = balanced.sketch_reference(x, 1, 3)
+    exact = float((balanced.buckets_and_signs(64, 1, 3)[1].double()).sum() * x[0, 0].double())
+    assert out.dtype == torch.bfloat16
+    assert abs(float(out[0, 0]) - exact) <= abs(exact) * 2**-8 + 1e-6
+
+
+def test_unsketch_is_the_transpose():
+    a, g = torch.randn(11, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    s_t_a = balanced.sketch_reference(a, 4, 99)
+    s_g = balanced.unsketch_reference(g, 11, 99)
+    assert torch.allclose((s_t_a * g).sum(), (a * s_g).sum())  # ⟨Sᵀa, g⟩ = ⟨a, S g⟩
+
+
+def test_the_ops_are_each_others_derivatives():
+    from randbp_cli import ops
+
+    seed = torch.tensor(2**61 + 3)
+    a = torch.randn(13, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: ops.balanced_sketch(a, 5, seed), (a,))
+    assert torch.autograd.gradgradcheck(lambda a: ops.balanced_sketch(a, 5, seed), (a,))
+    g = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g: ops.balanced_unsketch(g, 13, seed), (g,))
+    torch.library.opcheck(ops.balanced_sketch, (torch.randn(13, 4), 5, seed))
+    torch.library.opcheck(ops.balanced_unsketch, (torch.randn(5, 4), 13, seed))
+
+
+# ---------------------------------------------------------------------------- the fused kernel
+
+
+@needs_triton
+@pytest.mark.parametrize("n_rows, cols, k", [(1, 3, 1), (10, 6, 5), (37, 20, 4), (40, 130, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kernel_matches_the_reference(n_rows, cols, k, dtype):
+    """Exactly the same S (buckets and signs: sketch the identity), values to rounding."""
+    seed = torch.tensor(2**62 - 12345 + n_rows, dtype=torch.int64)
+    eye = torch.eye(n_rows, dtype=torch.float64)
+    assert torch.equal(balanced_triton.sketch(eye, k, seed), balanced.sketch_reference(eye, k, int(seed)))
+    a = torch.randn(n_rows, cols).to(dtype)
+    fused, reference = balanced_triton.sketch(a, k, seed), balanced.sketch_reference(a, k, int(seed))
+    assert fused.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    assert torch.allclose(fused.double(), reference.double(), rtol=tolerance, atol=tolerance)
+
+
+@needs_triton
+def test_kernel_reads_strided_rows():
+    seed = torch.tensor(77)
+    wide = torch.randn(12, 10)
+    view = wide[:, 2:7]  # rows of stride 10, columns contiguous
+    assert torch.allclose(balanced_triton.sketch(view, 5, seed), balanced.sketch_reference(view, 5, 77), atol=1e-6)
+
+
+@needs_triton
+def test_layer_gradients_through_the_kernel_equal_the_reference_path():
+    torch.manual_seed(0)
+    layer = RandomizedLinear(6, 5, rho=0.5, sketch="balanced")
+    x = torch.randn(3, 8, 6, requires_grad=True)
+
+    def grads():
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        layer(x).square().sum().backward()
+        return layer.weight.grad.clone()
+
+    reference = grads()
+    with balanced_triton.kernel_on_cpu():
+        fused = grads()
+    assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-6)
+
+
+class _CountOps(TorchDispatchMode):
+    VIEWS = {"view", "t", "_unsafe_view", "permute", "detach", "reshape", "expand", "transpose", "slice", "select"}
+
+    def __init__(self):
+        super().__init__()
+        self.compute = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] not in self.VIEWS:
+            self.compute += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_ops(layer, x):
+    layer(x).sum().backward()  # warm-up (lazy init)
+    counter = _CountOps()
+    with counter:
+        layer(x).sum().backward()
+    return counter.compute
+
+
+def test_a_balanced_layer_step_costs_at_most_three_ops_more_than_nn_linear():
+    """The issue's launch budget, counted as non-view ops (each launches a kernel on a GPU): the
+    seed draw, Sᵀx in forward and Sᵀ dY in backward."""
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    torch.manual_seed(0)
+    exact = _step_ops(nn.Linear(64, 128), x)
+    randomized = _step_ops(RandomizedLinear(64, 128, rho=0.5, sketch="balanced"), x)
+    assert randomized <= exact + 3, (exact, randomized)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+
+
+def test_compile_sees_no_graph_break_from_randbp(tiny_roberta):
+    model = convert(tiny_roberta, 0.5, sketch="balanced")
+    batch = tiny_batch(model, 2, 16)
+    explanation = torch._dynamo.explain(lambda **b: model(**b).loss)(**batch)
+    ours = [r for r in explanation.break_reasons if any("randbp_cli" in f.filename for f in r.user_stack)]
+    assert not ours, [r.reason for r in ours]
+    torch._dynamo.reset()
+
+
+def test_compiled_model_trains_with_a_fresh_shared_sketch_each_step(tiny_roberta):
+    """aot_eager traces exactly what inductor would compile (the joint graph), quickly."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    sketches = {}
+
+    def counting(tag):
+        def compiler(graph_module, example_inputs):
+            sketches[tag] = sum(1 for n in graph_module.graph.nodes if n.target is torch.ops.randbp.balanced_sketch.default)
+            return make_boxed_func(graph_module.forward)
+        return compiler
+
+    model = convert(tiny_roberta, 0.5, sketch="balanced")
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward")))
+    batch = tiny_batch(model, 2, 16)
+    query = model.roberta.encoder.layer[0].attention.self.query
+    grads = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: same weights, so only S differs
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        loss = compiled(**batch).loss
+        loss.backward()
+        grads.append(query.weight.grad.clone())
+    assert not torch.equal(grads[0], grads[1]) and not torch.equal(grads[1], grads[2])  # a fresh S each step
+    layers = model.config.num_hidden_layers
+    assert sketches["forward"] == 4 * layers + 2  # Q, K and V share one sketch; + the classifier's two
+    assert sketches["backward"] == 6 * layers + 2  # one Sᵀ dY per layer
+    torch._dynamo.reset()
