@@ -1,20 +1,239 @@
-"""Activation savers: few-bit GELU (optimal levels, packing, bytes, error)."""
+"""Activation savers: seed dropout (exact, same mask in backward, checkpoint-safe), the seed
+attention function against transformers' eager attention, few-bit GELU (optimal levels,
+packing, bytes, error)."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from randbp_cli import SavedTensorCounter
+from randbp_cli.attention import SeedAttentionFunction, seed_attention_forward
+from randbp_cli.dropout import SeedDropout, SeedDropoutFunction, keep_noise, seed_dropout
 from randbp_cli.gelu import (FewBitGELU, few_bit_gelu, gelu_gradient_error, gelu_levels, pack_codes, quantize,
                              unpack_codes)
+from randbp_cli.layers import RandomizedLinear, draw_seed
+
+
+def _eager_roberta():
+    from randbp_cli.models import load_model
+
+    return load_model("roberta-tiny", offline=True, attn_implementation="eager").model.train()
 
 
 def _saved(fn, model=None, exclude=()):
     with SavedTensorCounter(model, exclude=exclude) as counter:
         out = fn()
     return out, counter.stats()
+
+
+# ---------------------------------------------------------------------------- seed dropout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_seed_dropout_gradient_is_that_of_the_forward_mask(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, dtype=dtype).requires_grad_(True)
+    g = torch.randn(6, 40, dtype=dtype)
+    out = seed_dropout(x, 0.3, training=True)
+    out.backward(g)
+    mask = (out != 0).to(dtype)  # x has no zeros: the kept elements
+    assert torch.equal(out, x.detach() * (mask / (1 - 0.3)))  # bit for bit
+    assert torch.equal(x.grad, g * (mask / (1 - 0.3)))
+    assert 0 < int(mask.sum()) < mask.numel()
+
+
+def test_seed_dropout_non_contiguous_input_and_gradcheck():
+    x = torch.randn(7, 5, dtype=torch.float64).t().requires_grad_(True)  # (5, 7), transposed
+    torch.autograd.gradcheck(lambda t: SeedDropoutFunction.apply(t, 0.4, 1234), (x,))
+    out = SeedDropoutFunction.apply(x, 0.4, 1234)
+    assert torch.equal(out, x * keep_noise(x, 0.4, 1234))
+
+
+def test_seed_dropout_keeps_nothing_but_a_host_seed():
+    layer = SeedDropout(0.2)
+    x = torch.randn(32, 16, requires_grad=True)
+    out, stats = _saved(lambda: layer(x), layer, exclude=[x])
+    out.sum().backward()
+    assert stats.total_bytes == 0
+    assert stats.by_kind["dropout_seeds"] == 0
+    _, native = _saved(lambda: F.dropout(x, 0.2, True), exclude=[x])
+    assert native.total_bytes == 32 * 16 * 4  # torch's CPU dropout keeps an fp32 mask
+
+
+def test_seed_dropout_masks_are_fresh_and_reproducible():
+    x = torch.ones(64, 64)
+    torch.manual_seed(3)
+    a, b = seed_dropout(x, 0.5), seed_dropout(x, 0.5)
+    torch.manual_seed(3)
+    a2 = seed_dropout(x, 0.5)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, a2)
+
+
+def test_seed_dropout_drop_rate_matches_p():
+    p, n = 0.1, 400_000
+    dropped = float((seed_dropout(torch.ones(n), p) == 0).float().mean())
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_seed_dropout_eval_and_zero_p_are_identity_without_drawing():
+    x = torch.randn(4, 4, requires_grad=True)
+    state = torch.get_rng_state()
+    assert seed_dropout(x, 0.5, training=False) is x
+    assert seed_dropout(x, 0.0, training=True) is x
+    layer = SeedDropout(0.5).eval()
+    assert layer(x) is x
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_seed_dropout_under_no_grad_still_drops_and_draws():
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        out = SeedDropout(0.5)(torch.ones(100))
+    assert (out == 0).any() and (out == 2).any()
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_seed_dropout_p_one_and_bad_p():
+    assert torch.equal(seed_dropout(torch.ones(5), 1.0), torch.zeros(5))
+    with pytest.raises(ValueError):
+        seed_dropout(torch.ones(5), 1.5)
+
+
+def test_seed_dropout_falls_back_to_native_while_compiling(monkeypatch):
+    """A host seed inside a compiled graph or a CUDA-graph capture would be a constant."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(8, 8, requires_grad=True)
+    _, stats = _saved(lambda: seed_dropout(x, 0.5), exclude=[x])
+    assert stats.total_bytes == 8 * 8 * 4  # native dropout: the mask is kept
+
+
+class _Block(nn.Module):
+    """Seed dropout around randomized layers (Q, K, V share an input), as in a Transformer."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = SeedDropout(0.3)
+        self.q, self.k, self.v = (RandomizedLinear(8, 8, rho=0.5, sketch="countsketch") for _ in range(3))
+        self.out = RandomizedLinear(8, 4, rho=0.5, sketch="countsketch")
+        self.act = FewBitGELU(2)
+
+    def forward(self, x):
+        h = self.drop(x)
+        mixed = self.q(h) * self.k(h) + self.v(h)
+        return self.out(self.drop(self.act(mixed)))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpoint_recompute_sees_the_same_seed_dropout(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(16, 8)
+
+    def grads(use_checkpoint):
+        block.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        inp = x.clone().requires_grad_(True)
+        out = checkpoint(block, inp, use_reentrant=use_reentrant) if use_checkpoint else block(inp)
+        out.square().sum().backward()
+        return [p.grad.clone() for p in block.parameters()] + [inp.grad]
+
+    plain, checkpointed = grads(False), grads(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def _Attn():
+    """A real RoBERTa self-attention module in training mode (the function reads `.training`)."""
+    return _eager_roberta().roberta.encoder.layer[0].attention.self
+
+
+def _eager_with_seed_dropout(monkeypatch):
+    """transformers' own eager attention, its F.dropout drawing a seed and a mask as we do."""
+    native = F.dropout
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0.0:
+            return native(x, p, training, inplace)
+        return x * keep_noise(x, p, draw_seed())
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+
+
+def _qkv(dtype, tq=5, tk=7, requires_grad=True):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, tq, 3, 4, generator=gen, dtype=dtype).transpose(1, 2)  # (B, H, Tq, D), a view
+    k = torch.randn(2, tk, 3, 4, generator=gen, dtype=dtype).transpose(1, 2)
+    v = torch.randn(2, tk, 3, 4, generator=gen, dtype=dtype).transpose(1, 2)
+    return [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _masks(dtype, tq=5, tk=7):
+    padding = torch.zeros(2, 1, tq, tk, dtype=dtype)
+    padding[1, ..., -3:] = torch.finfo(dtype).min  # the second sequence is padded
+    causal = torch.full((tq, tk), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
+    return {"none": None, "padding": padding, "causal": causal}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mask_name", ["none", "padding", "causal"])
+@pytest.mark.parametrize("scaling", [None, 0.3])
+def test_seed_attention_matches_transformers_eager_attention(monkeypatch, dtype, mask_name, scaling):
+    from transformers.models.roberta.modeling_roberta import eager_attention_forward
+
+    mask = _masks(dtype)[mask_name]
+    grad_out = torch.randn(2, 5, 3, 4, dtype=dtype)
+    grad_weights = torch.randn(2, 3, 5, 7, dtype=dtype)
+
+    def run(fn):
+        q, k, v = _qkv(dtype)
+        torch.manual_seed(5)
+        out, weights = fn(_Attn(), q, k, v, mask, scaling=scaling, dropout=0.3)
+        torch.autograd.backward([out, weights], [grad_out, grad_weights])
+        return out, weights, q.grad, k.grad, v.grad
+
+    ours = run(seed_attention_forward)
+    with monkeypatch.context() as patch:
+        _eager_with_seed_dropout(patch)
+        reference = run(eager_attention_forward)
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])  # same ops, same mask
+    assert (ours[1] == 0).any()  # something was dropped
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for a, b in zip(ours[2:], reference[2:]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_seed_attention_gradcheck_and_mask_gradient():
+    q, k, v = _qkv(torch.float64)
+    bias = torch.randn(1, 3, 5, 7, dtype=torch.float64, requires_grad=True)  # a learned additive bias
+
+    def attend(q, k, v, bias):
+        return SeedAttentionFunction.apply(q, k, v, bias, 0.5, 0.25, 99)[0]
+
+    assert torch.autograd.gradcheck(attend, (q, k, v, bias))
+
+
+def test_seed_attention_keeps_q_k_v_and_the_probabilities_once():
+    q, k, v = _qkv(torch.float32)
+    _, stats = _saved(lambda: seed_attention_forward(_Attn(), q, k, v, None, dropout=0.1), exclude=[q, k, v])
+    assert stats.by_kind["attention_probs"] == 2 * 3 * 5 * 7 * 4  # P, (B, H, Tq, Tk) fp32
+    assert stats.total_bytes == stats.by_kind["attention_probs"]  # Q, K, V are the inputs here
+
+
+def test_seed_attention_delegates_to_eager_in_eval_mode():
+    from transformers.models.roberta.modeling_roberta import eager_attention_forward
+
+    q, k, v = _qkv(torch.float32)
+    module = _Attn().eval()
+    ours = seed_attention_forward(module, q, k, v, None, dropout=0.0)[0]
+    assert torch.equal(ours, eager_attention_forward(module, q, k, v, None, dropout=0.0)[0])
 
 
 # ---------------------------------------------------------------------------- few-bit GELU
