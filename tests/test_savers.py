@@ -1,6 +1,6 @@
 """Activation savers: seed dropout (exact, same mask in backward, checkpoint-safe), the seed
 attention function against transformers' eager attention, few-bit GELU (optimal levels,
-packing, bytes, error)."""
+packing, bytes, error), and apply/restore on tiny models."""
 
 import math
 
@@ -9,12 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from randbp_cli import SavedTensorCounter
-from randbp_cli.attention import SeedAttentionFunction, seed_attention_forward
+from conftest import tiny_batch
+from randbp_cli import SavedTensorCounter, convert, converted_names, restore
+from randbp_cli.attention import ATTN_IMPLEMENTATION, SeedAttentionFunction, seed_attention_forward
 from randbp_cli.dropout import SeedDropout, SeedDropoutFunction, keep_noise, seed_dropout
+from randbp_cli.errors import ConfigError
 from randbp_cli.gelu import (FewBitGELU, few_bit_gelu, gelu_gradient_error, gelu_levels, pack_codes, quantize,
                              unpack_codes)
 from randbp_cli.layers import RandomizedLinear, draw_seed
+from randbp_cli.savers import apply_savers, describe_savers, parse_savers, restore_savers, saver_names
 
 
 def _eager_roberta():
@@ -147,6 +150,27 @@ def test_checkpoint_recompute_sees_the_same_seed_dropout(use_reentrant):
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointed_roberta_with_all_savers_has_bit_identical_gradients(use_reentrant):
+    model = apply_savers(_eager_roberta(), ["dropout", "gelu:2"])
+    batch = tiny_batch(model)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
+
+
 # ---------------------------------------------------------------------------- attention
 
 
@@ -234,6 +258,33 @@ def test_seed_attention_delegates_to_eager_in_eval_mode():
     module = _Attn().eval()
     ours = seed_attention_forward(module, q, k, v, None, dropout=0.0)[0]
     assert torch.equal(ours, eager_attention_forward(module, q, k, v, None, dropout=0.0)[0])
+
+
+def test_roberta_with_seed_attention_matches_eager_roberta_under_the_same_masks(monkeypatch):
+    """A whole model: hidden dropouts off, attention dropout on, padding in the batch."""
+    model = _eager_roberta()
+    hidden = [m for n, m in model.named_modules() if type(m) is nn.Dropout and not n.endswith("self.dropout")]
+    for m in hidden:
+        m.p = 0.0
+    batch = tiny_batch(model)
+    batch["attention_mask"][1, -5:] = 0
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with monkeypatch.context() as patch:
+        _eager_with_seed_dropout(patch)
+        reference = run()
+    model = apply_savers(model, ["dropout"])
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    ours = run()
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=1e-7)
+    for name in reference[1]:
+        torch.testing.assert_close(ours[1][name], reference[1][name], rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- few-bit GELU
@@ -366,3 +417,136 @@ def test_few_bit_gelu_saves_nothing_without_grad():
     x = torch.randn(10, 10)
     out, stats = _saved(lambda: few_bit_gelu(x, 2))
     assert stats.total_bytes == 0 and torch.equal(out, F.gelu(x))
+
+
+# ---------------------------------------------------------------------------- names, apply, restore
+
+
+@pytest.mark.parametrize("names,message", [
+    (["bogus"], "unknown saver 'bogus'"),
+    (["gelu"], "needs a bit count"),
+    (["gelu:0"], "must be one of 1, 2, 3, 4"),
+    (["gelu:9"], "must be one of 1, 2, 3, 4"),
+    (["gelu:x"], "must be one of 1, 2, 3, 4"),
+    (["dropout", "dropout"], "given twice"),
+    (["gelu:2", "gelu:3"], "given twice ('gelu:2' and 'gelu:3')"),
+])
+def test_bad_saver_names_are_one_line_config_errors(names, message):
+    with pytest.raises(ConfigError) as err:
+        parse_savers(names)
+    assert message in str(err.value) and "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+def test_parse_savers():
+    assert [str(s) for s in parse_savers(["gelu:2", "dropout"])] == ["gelu:2", "dropout"]
+    assert parse_savers("dropout") == parse_savers(["dropout"]) and parse_savers(None) == ()
+
+
+def test_apply_restore_round_trip_keeps_parameters_hooks_and_outputs():
+    model = _eager_roberta()
+    params = [id(p) for p in model.parameters()]
+    state_keys = list(model.state_dict())
+    batch = tiny_batch(model)
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+    original_drop = model.roberta.embeddings.dropout
+    original_act = model.roberta.encoder.layer[0].intermediate.intermediate_act_fn
+    calls = []
+    handle = original_drop.register_forward_hook(lambda *args: calls.append(1))
+
+    model = apply_savers(model.train(), ["dropout", "gelu:2"])
+    assert saver_names(model) == ["dropout", "gelu:2"]
+    assert isinstance(model.roberta.embeddings.dropout, SeedDropout)
+    assert isinstance(model.roberta.encoder.layer[0].intermediate.intermediate_act_fn, FewBitGELU)
+    assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == state_keys
+    model.eval()
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert torch.equal(before, after) and calls  # eval: identical outputs; the hook still fires
+    assert model.roberta.embeddings.dropout.training is False
+
+    model = restore_savers(model)
+    assert model.roberta.embeddings.dropout is original_drop and original_drop.training is False
+    assert model.roberta.encoder.layer[0].intermediate.intermediate_act_fn is original_act
+    assert model.config._attn_implementation == "eager" and saver_names(model) == []
+    handle.remove()
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    assert not calls
+
+
+def test_savers_compose_with_randomized_linear_layers_in_either_order():
+    model = convert(_eager_roberta(), 0.5, sketch="countsketch")
+    converted = converted_names(model)
+    model = apply_savers(model, ["dropout", "gelu:3"])
+    assert converted_names(model) == converted and saver_names(model) == ["dropout", "gelu:3"]
+    batch = tiny_batch(model)
+    model(**batch).loss.backward()
+    model = restore(model)  # the linear layers back, the savers stay
+    assert converted_names(model) == [] and saver_names(model) == ["dropout", "gelu:3"]
+    model = convert(model, 0.1)
+    model = restore_savers(model)  # the savers back, the linear layers stay
+    assert saver_names(model) == [] and len(converted_names(model)) == len(converted)
+
+
+def test_reapplying_replaces_the_previous_savers():
+    model = apply_savers(_eager_roberta(), ["gelu:1"])
+    model = apply_savers(model, ["gelu:4"])
+    assert saver_names(model) == ["gelu:4"]
+    assert restore_savers(model).config._attn_implementation == "eager"
+    assert saver_names(apply_savers(model, [])) == []
+
+
+def test_sdpa_attention_is_left_alone_and_described(tiny_roberta):
+    model = apply_savers(tiny_roberta, ["dropout"])
+    info = describe_savers(model)
+    assert info["attn_implementation"] != ATTN_IMPLEMENTATION and "not 'eager'" in info["attention_not_switched"]
+    assert info["seed_dropouts"] and not info["native_dropouts"]
+    model(**tiny_batch(model)).loss.backward()
+
+
+def test_activation_bytes_by_kind_show_each_saver():
+    model = apply_savers(_eager_roberta(), ["dropout", "gelu:2"])
+    batch = tiny_batch(model)
+    loss, stats = _saved(lambda: model(**batch).loss, model, exclude=list(batch.values()))
+    loss.backward()
+    ffn = 2 * 16 * 256  # (batch, seq, intermediate) per layer, 2 layers
+    assert stats.by_kind["gelu_codes"] == 2 * math.ceil(2 * ffn / 8)
+    assert stats.by_kind["attention_probs"] == 2 * 2 * 4 * 16 * 16 * 4  # layers × (B, H, T, T) fp32
+    assert stats.by_kind["dropout_seeds"] == 0
+
+
+def test_a_failed_apply_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.GELU(approximate="tanh"))
+    with pytest.raises(ConfigError, match="erf GELU only"):
+        apply_savers(model, ["dropout", "gelu:2"])
+    assert type(model[1]) is nn.Dropout
+    with pytest.raises(ConfigError, match="no GELU module"):
+        apply_savers(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)), ["gelu:2"])
+    with pytest.raises(ConfigError, match="nothing to replace"):
+        apply_savers(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), ["dropout"])
+
+
+def test_plain_torch_modules_and_shared_modules():
+    drop, act = nn.Dropout(0.2), nn.GELU()
+    model = nn.Sequential(nn.Linear(4, 4), drop, act, drop)  # one dropout under two names
+    model = apply_savers(model, ["dropout", "gelu:2"])
+    assert model[1] is model[3] and isinstance(model[1], SeedDropout) and isinstance(model[2], FewBitGELU)
+    model(torch.randn(3, 4)).sum().backward()
+    model = restore_savers(model)
+    assert model[1] is drop and model[3] is drop and model[2] is act
+
+
+def test_savers_under_autocast_behave_like_the_modules_they_replace():
+    torch.manual_seed(0)
+    native = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 4))
+    x = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dtype = native(x).dtype
+        model = apply_savers(native, ["dropout", "gelu:2"])
+        out = model(x)
+    out.float().sum().backward()
+    assert out.dtype == expected_dtype and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in model.parameters())
