@@ -10,8 +10,8 @@ incoming gradient by a constant per interval instead of GELU'(x).
 
 What is saved for backward (through `ctx.save_for_backward`): one uint8 tensor of ⌈b·N/8⌉
 bytes, the packed interval indices. Nothing else: not x, not the output.
-What is recomputed in backward: the indices (unpacked), then the level per element (a table
-lookup), times the incoming gradient.
+What is recomputed in backward: q(x) per element, read straight from the packed bytes through a
+small table (one row of levels per byte, or per 12 bits for b = 3), times the incoming gradient.
 
 What is exact: the forward output (`F.gelu`, the erf form, as `GELUActivation` and
 `nn.GELU()` compute it). What is approximate: ∂L/∂x = g ⊙ q(x) instead of g ⊙ GELU'(x).
@@ -195,79 +195,91 @@ def gelu_levels(bits: int) -> GeluLevels:
     return GeluLevels(bits, tuple(cuts), tuple(_interval_means(cuts)), error, math.sqrt(error / second))
 
 
-@functools.cache
-def _level_tensors(bits: int, dtype: torch.dtype, device: torch.device) -> tuple[list[float], Tensor]:
-    levels = gelu_levels(bits)
-    return list(levels.boundaries), torch.tensor(levels.values, dtype=dtype, device=device)
-
-
 # ---------------------------------------------------------------------------- packing
+#
+# Layout: a little-endian bitstream, code i at bits [b·i, b·i + b), ⌈b·n/8⌉ bytes. A group of 8
+# codes fills exactly b bytes, so packing works on 8 codes at once (one int64 per group), and
+# backward reads whole chunks of codes with one table row per chunk (`_chunk_levels`).
 
 
-def _pack_group(planes: Tensor, bits: int) -> Tensor:
-    """(8, G) b-bit codes -> (b, G) bytes: element s of a group sits at bits [b·s, b·s + b).
+def _gather_bits(words: Tensor, bits: int) -> Tensor:
+    """int64 words holding 8 codes in byte lanes -> the same codes b bits apart (low 8·b bits).
 
-    Byte m holds bits [8m, 8m + 8) of the group's 8·b-bit word; an element that straddles two
-    bytes (b = 3) contributes its low bits to one and its high bits to the next.
+    Three steps, each halving the number of lanes: pairs, quads, then all eight.
     """
-    out = torch.zeros(bits, planes.shape[1], dtype=torch.uint8, device=planes.device)
-    for m in range(bits):
-        for s in range(8):
-            shift = bits * s - 8 * m
-            if -bits < shift < 8:  # element s overlaps byte m
-                out[m] |= planes[s] << shift if shift >= 0 else planes[s] >> -shift
-    return out
-
-
-def _unpack_group(packed: Tensor, bits: int) -> Tensor:
-    """(b, G) bytes -> (8, G) codes, the inverse of `_pack_group`."""
-    out = torch.zeros(8, packed.shape[1], dtype=torch.uint8, device=packed.device)
-    for s in range(8):
-        for m in range(bits):
-            shift = bits * s - 8 * m
-            if -bits < shift < 8:
-                out[s] |= packed[m] >> shift if shift >= 0 else packed[m] << -shift
-    return out.bitwise_and_((1 << bits) - 1)
+    for step in range(3):
+        lane = 8 << step  # 8, 16, 32 bits: the lanes being merged
+        width = bits << step  # bits already gathered at the bottom of each lane
+        words = words | (words >> (lane - width))
+        keep = (1 << (2 * width)) - 1  # the gathered bits at the bottom of each double lane
+        words = words & sum(keep << (2 * lane * i) for i in range(64 // (2 * lane)))  # < 2^63 for b <= 4
+    return words
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """n b-bit codes (uint8, values < 2^b) -> exactly ⌈b·n/8⌉ bytes.
-
-    Layout: the first 8·⌊n/8⌋ codes as 8 contiguous planes (code i in plane i // G, G = ⌊n/8⌋),
-    each group of 8 (one per plane) in b bytes, so every operation is a contiguous pass over G
-    elements; the last n mod 8 codes as one group truncated to the bytes that hold their bits.
-    """
+    """n b-bit codes (uint8, values < 2^b) -> exactly ⌈b·n/8⌉ bytes (see the layout above)."""
     codes = codes.reshape(-1)
-    groups = codes.numel() // 8
-    main = _pack_group(codes[: 8 * groups].view(8, groups), bits).reshape(-1)  # (b·G,)
-    rest = codes[8 * groups:]
-    if rest.numel() == 0:
-        return main
-    padded = torch.zeros(8, 1, dtype=torch.uint8, device=codes.device)
-    padded[: rest.numel(), 0] = rest
-    tail = _pack_group(padded, bits).reshape(-1)[: math.ceil(bits * rest.numel() / 8)]
-    return torch.cat([main, tail])
+    n = codes.numel()
+    if n % 8:
+        codes = torch.cat([codes, codes.new_zeros(8 - n % 8)])
+    words = _gather_bits(codes.view(torch.int64), bits)  # (G,) one group of 8 codes each
+    nbytes = math.ceil(bits * n / 8)
+    packed = words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)[:nbytes]  # the low b bytes of each
+    # own exactly the bytes kept (a view would keep the words, or the padded tail, alive)
+    return packed if packed.untyped_storage().nbytes() == nbytes else packed.clone()
+
+
+def _chunks(packed: Tensor, bits: int, n: int) -> Tensor:
+    """The packed stream as int32 chunk indices: bytes, or 12-bit pieces for b = 3."""
+    groups = math.ceil(n / 8)
+    if packed.numel() < bits * groups:  # the truncated tail back to whole groups
+        packed = torch.cat([packed, packed.new_zeros(bits * groups - packed.numel())])
+    if bits != 3:
+        return packed.to(torch.int32)  # (b·G,) 8 / b codes per byte
+    b = packed.view(groups, 3).to(torch.int32)  # 24 bits = two 12-bit chunks of 4 codes
+    low = b[:, 0] | ((b[:, 1] & 0xF) << 8)
+    high = (b[:, 1] >> 4) | (b[:, 2] << 4)
+    return torch.stack([low, high], dim=1).reshape(-1)  # (2·G,)
+
+
+def _chunk_bits(bits: int) -> int:
+    return 12 if bits == 3 else 8
+
+
+@functools.cache
+def _chunk_codes(bits: int, device: torch.device) -> Tensor:
+    """(2^chunk_bits, codes per chunk) int64: row c holds the codes packed in chunk value c."""
+    per_chunk = _chunk_bits(bits) // bits
+    chunk = torch.arange(1 << _chunk_bits(bits), device=device)[:, None]
+    return (chunk >> (bits * torch.arange(per_chunk, device=device))) & ((1 << bits) - 1)
+
+
+@functools.cache
+def _chunk_levels(bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Row c: q at the codes packed in chunk value c, in `dtype`."""
+    return torch.tensor(gelu_levels(bits).values, dtype=dtype, device=device)[_chunk_codes(bits, device)]
 
 
 def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     """The inverse of `pack_codes`: n uint8 codes."""
-    groups = n // 8
-    main = _unpack_group(packed[: bits * groups].view(bits, groups), bits).reshape(-1)  # (8·G,)
-    if n == 8 * groups:
-        return main
-    tail = torch.zeros(bits, 1, dtype=torch.uint8, device=packed.device)
-    rest = packed[bits * groups:]
-    tail[: rest.numel(), 0] = rest
-    return torch.cat([main, _unpack_group(tail, bits).reshape(-1)[: n - 8 * groups]])
+    table = _chunk_codes(bits, packed.device).to(torch.uint8)
+    return table.index_select(0, _chunks(packed, bits, n)).reshape(-1)[:n]
+
+
+def unpack_levels(packed: Tensor, bits: int, n: int, dtype: torch.dtype) -> Tensor:
+    """q(x) for the n packed codes, in `dtype`: one table row per chunk, no per-code pass."""
+    table = _chunk_levels(bits, dtype, packed.device)
+    return table.index_select(0, _chunks(packed, bits, n)).reshape(-1)[:n]
 
 
 def quantize(x: Tensor, bits: int) -> Tensor:
     """The interval index of every element of x (flattened), as uint8: #{k : x >= t_k}."""
-    cuts, _ = _level_tensors(bits, x.dtype, x.device)
+    cuts = gelu_levels(bits).boundaries
     flat = x.reshape(-1)
-    codes = torch.zeros(flat.numel(), dtype=torch.uint8, device=x.device)
-    for t in cuts:  # the intervals are ordered by x even though their values are not
-        codes.add_(torch.ge(flat, t).view(torch.uint8))
+    codes = torch.ge(flat, cuts[0]).view(torch.uint8)
+    above = torch.empty_like(codes, dtype=torch.bool)
+    for t in cuts[1:]:  # the intervals are ordered by x even though their values are not
+        codes.add_(torch.ge(flat, t, out=above).view(torch.uint8))
     return codes
 
 
@@ -288,10 +300,8 @@ class FewBitGeluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (packed,) = ctx.saved_tensors
-        codes = unpack_codes(packed, ctx.bits, grad_out.numel())  # (N,) uint8
-        _, values = _level_tensors(ctx.bits, grad_out.dtype, grad_out.device)
-        slope = values.index_select(0, codes.to(torch.int32)).view(ctx.shape)
-        return grad_out * slope, None
+        slope = unpack_levels(packed, ctx.bits, grad_out.numel(), grad_out.dtype)  # (N,) q(x)
+        return slope.view(ctx.shape).mul_(grad_out), None
 
 
 def few_bit_gelu(x: Tensor, bits: int = 2) -> Tensor:

@@ -384,7 +384,7 @@ def test_pack_unpack_round_trip(bits, n):
 
 
 def test_two_bit_codes_are_four_to_a_byte():
-    codes = torch.tensor([1, 2, 3, 0, 3, 3, 0, 1], dtype=torch.uint8)  # planes: G = 1 group of 8
+    codes = torch.tensor([1, 2, 3, 0, 3, 3, 0, 1], dtype=torch.uint8)  # code i at bits [2i, 2i + 2)
     packed = pack_codes(codes, 2)
     assert packed.tolist() == [1 | 2 << 2 | 3 << 4 | 0 << 6, 3 | 3 << 2 | 0 << 4 | 1 << 6]
 
