@@ -63,7 +63,7 @@ class SeedAttentionFunction(torch.autograd.Function):
             scores = scores + mask
         probs = torch.softmax(scores, dim=-1)
         del scores
-        dropped = probs * keep_noise(probs, p, seed)  # P_d
+        dropped = keep_noise(probs, p, seed).mul_(probs)  # P_d = P ⊙ noise
         out = torch.matmul(dropped, value)  # (B, H, Tq, D)
         setattr(probs, SAVED_KIND_ATTR, SAVED_KIND)
         mask_needs_grad = mask is not None and ctx.needs_input_grad[3]
@@ -85,8 +85,8 @@ class SeedAttentionFunction(torch.autograd.Function):
             grad_d = from_out if grad_d is None else from_out + grad_d
         if grad_d is None:
             return None, None, grad_v, None, None, None, None
-        grad_probs = grad_d * noise
-        del grad_d, noise
+        grad_probs = noise.mul_(grad_d)  # ∂L/∂P = ∂L/∂P_d ⊙ noise, in place of the noise
+        del grad_d
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         if mask is not None:
             grad_mask = grad_scores.sum_to_size(mask.shape)

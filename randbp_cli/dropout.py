@@ -63,11 +63,11 @@ class SeedDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float, seed: int):
         ctx.p, ctx.seed = p, seed
-        return x * keep_noise(x, p, seed)
+        return keep_noise(x, p, seed).mul_(x)  # = x ⊙ noise, into the fresh noise tensor
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return grad_out * keep_noise(grad_out, ctx.p, ctx.seed), None, None
+        return keep_noise(grad_out, ctx.p, ctx.seed).mul_(grad_out), None, None
 
 
 def seed_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
