@@ -202,31 +202,36 @@ def gelu_levels(bits: int) -> GeluLevels:
 # backward reads whole chunks of codes with one table row per chunk (`_chunk_levels`).
 
 
-def _gather_bits(words: Tensor, bits: int) -> Tensor:
-    """int64 words holding 8 codes in byte lanes -> the same codes b bits apart (low 8·b bits).
+def _gather_bits_(words: Tensor, bits: int) -> Tensor:
+    """In place: int64 words holding 8 codes in byte lanes -> the codes b bits apart (low 8·b bits).
 
     Three steps, each halving the number of lanes: pairs, quads, then all eight.
     """
+    shifted = torch.empty_like(words)
     for step in range(3):
         lane = 8 << step  # 8, 16, 32 bits: the lanes being merged
         width = bits << step  # bits already gathered at the bottom of each lane
-        words = words | (words >> (lane - width))
+        words.bitwise_or_(torch.bitwise_right_shift(words, lane - width, out=shifted))
         keep = (1 << (2 * width)) - 1  # the gathered bits at the bottom of each double lane
-        words = words & sum(keep << (2 * lane * i) for i in range(64 // (2 * lane)))  # < 2^63 for b <= 4
+        words.bitwise_and_(sum(keep << (2 * lane * i) for i in range(64 // (2 * lane))))  # < 2^63 for b <= 4
     return words
 
 
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """n b-bit codes (uint8, values < 2^b) -> exactly ⌈b·n/8⌉ bytes (see the layout above)."""
-    codes = codes.reshape(-1)
+def _pack_(codes: Tensor, bits: int) -> Tensor:
+    """`pack_codes` that may overwrite `codes` (a flat uint8 tensor the caller no longer needs)."""
     n = codes.numel()
     if n % 8:
         codes = torch.cat([codes, codes.new_zeros(8 - n % 8)])
-    words = _gather_bits(codes.view(torch.int64), bits)  # (G,) one group of 8 codes each
+    words = _gather_bits_(codes.view(torch.int64), bits)  # (G,) one group of 8 codes each
     nbytes = math.ceil(bits * n / 8)
     packed = words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)[:nbytes]  # the low b bytes of each
     # own exactly the bytes kept (a view would keep the words, or the padded tail, alive)
     return packed if packed.untyped_storage().nbytes() == nbytes else packed.clone()
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """n b-bit codes (uint8, values < 2^b) -> exactly ⌈b·n/8⌉ bytes (see the layout above)."""
+    return _pack_(codes.reshape(-1).clone(), bits)
 
 
 def _chunks(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -291,7 +296,7 @@ class FewBitGeluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bits: int):
-        packed = pack_codes(quantize(x, bits), bits)  # (⌈b·N/8⌉,) uint8
+        packed = _pack_(quantize(x, bits), bits)  # (⌈b·N/8⌉,) uint8
         setattr(packed, SAVED_KIND_ATTR, SAVED_KIND)
         ctx.bits, ctx.shape = bits, x.shape
         ctx.save_for_backward(packed)
