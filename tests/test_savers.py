@@ -529,6 +529,27 @@ def test_a_failed_apply_changes_nothing():
         apply_savers(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), ["dropout"])
 
 
+@pytest.mark.parametrize("name,replaced", [
+    ("gelu", True), ("gelu_python", True),  # GELUActivation: F.gelu, or the erf formula in Python
+    ("gelu_new", False), ("gelu_fast", False), ("gelu_pytorch_tanh", False), ("quick_gelu", False),
+    ("gelu_10", False), ("gelu_accurate", False),  # tanh, sigmoid or clipped variants: refused
+])
+def test_transformers_gelu_variants(name, replaced):
+    from transformers.activations import ACT2FN
+
+    model = nn.Sequential(nn.Linear(4, 4), ACT2FN[name])
+    if replaced:
+        assert isinstance(apply_savers(model, ["gelu:2"])[1], FewBitGELU)
+    else:
+        with pytest.raises(ConfigError, match="erf GELU only"):
+            apply_savers(model, ["gelu:2"])
+
+
+def test_gelu_gradient_error_checks_the_gradient_shape():
+    with pytest.raises(ConfigError, match="shape of x"):
+        gelu_gradient_error(torch.randn(4, 3), 2, torch.randn(3, 4))
+
+
 def test_plain_torch_modules_and_shared_modules():
     drop, act = nn.Dropout(0.2), nn.GELU()
     model = nn.Sequential(nn.Linear(4, 4), drop, act, drop)  # one dropout under two names
