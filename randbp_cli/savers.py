@@ -36,7 +36,8 @@ from .dropout import SeedDropout
 from .errors import ConfigError
 from .gelu import BITS, FewBitGELU
 
-SAVER_HELP = f"dropout, gelu:B (B = {', '.join(map(str, BITS))} bits, e.g. gelu:2)"
+_BITS_TEXT = ", ".join(map(str, BITS))
+SAVER_HELP = f"dropout, gelu:B (B = {_BITS_TEXT} bits, e.g. gelu:2)"
 _ORIGINAL_ATTR = "_randbp_saver_original"  # on a replacement module: what it replaced
 _ATTN_ATTR = "_randbp_saver_attention"  # on the transformers model: its attention implementation before
 
@@ -60,10 +61,10 @@ def parse_saver(text: str) -> SaverSpec:
         return SaverSpec("dropout")
     name, sep, bits = text.partition(":")
     if name == "gelu" and not sep:
-        raise ConfigError(f"saver 'gelu' needs a bit count: gelu:B with B in {', '.join(map(str, BITS))} (e.g. gelu:2)")
+        raise ConfigError(f"saver 'gelu' needs a bit count: gelu:B with B in {_BITS_TEXT} (e.g. gelu:2)")
     if name == "gelu":
         if not bits.isdigit() or int(bits) not in BITS:
-            raise ConfigError(f"saver {text!r}: the bit count must be one of {', '.join(map(str, BITS))} (got {bits!r})")
+            raise ConfigError(f"saver {text!r}: the bit count must be one of {_BITS_TEXT} (got {bits!r})")
         return SaverSpec("gelu", int(bits))
     raise ConfigError(f"unknown saver {text!r}: choose from {SAVER_HELP}")
 
