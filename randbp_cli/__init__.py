@@ -5,18 +5,23 @@ Library:
     model = convert(model, rho=0.1, sketch="countsketch")   # every nn.Linear, same Parameters
     ...train as usual...
     model = restore(model)                                  # back to plain nn.Linear
+
+    model = apply_savers(model, ["dropout", "gelu:2"])      # seed dropout, 2-bit GELU backward
+    model = restore_savers(model)
 """
 
 from .convert import convert, converted_names, describe_conversion, restore, select_linears
 from .errors import ConfigError, RandbpError
 from .layers import RandomizedLinear, RandomizedLinearFunction, randomized_linear
 from .memory import SavedTensorCounter, count_saved_bytes
+from .savers import apply_savers, describe_savers, restore_savers, saver_names
 from .sketches import Sketch, get_sketch, sketch_names, sketch_rows
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "RandbpError", "RandomizedLinear", "RandomizedLinearFunction", "SavedTensorCounter",
-    "Sketch", "convert", "converted_names", "count_saved_bytes", "describe_conversion", "get_sketch",
-    "randomized_linear", "restore", "select_linears", "sketch_names", "sketch_rows", "__version__",
+    "Sketch", "apply_savers", "convert", "converted_names", "count_saved_bytes", "describe_conversion",
+    "describe_savers", "get_sketch", "randomized_linear", "restore", "restore_savers", "saver_names",
+    "select_linears", "sketch_names", "sketch_rows", "__version__",
 ]

@@ -13,6 +13,12 @@ each storage to the innermost module running when it was first saved, and sorts 
   weight_copies         low-precision weight copies a linear layer saved under autocast
   other                 everything else (attention, activations, norms, dropout masks ...)
 
+and, for the activation savers (randbp_cli/savers.py), a kind of their own named by the saver:
+a tensor carrying the attribute `_randbp_saved_kind`, or one saved inside a module with a
+`saved_kind` class attribute, is filed under that name (`gelu_codes`, `attention_probs`,
+`dropout_seeds`: 0 bytes, the seeds are host integers). Such a kind is listed, at 0 if need be,
+whenever a module declaring it is in the model; models without savers show only the kinds above.
+
 The other measurements (CUDA allocator, NVML sampling, wall-clock steps) depend on the
 device and are reported beside it, never instead of it.
 """
@@ -37,6 +43,8 @@ from torch.utils._pytree import tree_leaves
 from .layers import RandomizedLinear
 
 KINDS = ("linear_inputs", "linear_inputs_shared", "sketches", "weight_copies", "other")
+SAVED_KIND_ATTR = "_randbp_saved_kind"  # on a saved tensor: the saver kind it is filed under
+_BUILTIN_SAVERS = frozenset({"other", "linear", "sketch", "weight_copy"})
 
 
 def _storage_key(t: Tensor) -> tuple[str, int, int] | None:
@@ -133,6 +141,7 @@ class SavedTensorCounter:
             for t in (*model.parameters(), *model.buffers()):
                 self._excluded.add(_storage_key(t))
         self._storages: dict = {}
+        self._saver_kinds: set[str] = set()  # kinds declared by saver modules in the model
         self._stack: list[tuple[str, nn.Module]] = []
         self._handles: list = []
         self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -150,6 +159,8 @@ class SavedTensorCounter:
     def __enter__(self) -> "SavedTensorCounter":
         if self.model is not None:
             for name, module in self.model.named_modules():
+                if getattr(module, "saved_kind", None):
+                    self._saver_kinds.add(module.saved_kind)
                 self._handles.append(module.register_forward_pre_hook(self._enter(name)))
                 self._handles.append(module.register_forward_hook(self._leave, always_call=True))
         self._hooks_ctx.__enter__()
@@ -164,6 +175,9 @@ class SavedTensorCounter:
 
     def _saver(self, t: Tensor) -> str:
         module = self._stack[-1][1] if self._stack else None
+        kind = getattr(t, SAVED_KIND_ATTR, None) or getattr(module, "saved_kind", None)
+        if kind:
+            return kind
         if not isinstance(module, nn.Linear):
             return "other"
         if _is_weight_copy(t, module.weight):
@@ -198,11 +212,15 @@ class SavedTensorCounter:
                 kind = "sketches"
             elif savers == {"weight_copy"}:
                 kind = "weight_copies"
+            elif len(savers) == 1 and not savers & _BUILTIN_SAVERS:
+                kind = next(iter(savers))  # an activation saver's own kind
             else:
                 kind = "other"
-            stats.by_kind[kind] += entry.nbytes
+            stats.by_kind[kind] = stats.by_kind.get(kind, 0) + entry.nbytes
             stats.total_bytes += entry.nbytes
             by_module[entry.module or "(outside modules)"] += entry.nbytes
+        for kind in sorted(self._saver_kinds):
+            stats.by_kind.setdefault(kind, 0)
         stats.by_module = dict(by_module)
         stats.storages = len(self._storages)
         return stats

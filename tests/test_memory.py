@@ -161,3 +161,37 @@ def test_autocast_sketch_shaped_like_the_weight_is_not_a_weight_copy():
     stats = counter.stats()
     assert stats.by_kind["sketches"] == 8 * 6 * 2  # the bf16 sketch, (k, d_in) = (8, 6)
     assert stats.by_kind["weight_copies"] == 8 * 6 * 2  # and, separately, the bf16 weight
+
+
+def test_saver_kinds_from_module_attributes_and_tagged_tensors():
+    """Activation savers file their bytes under kinds of their own; a declared kind with nothing
+    saved shows as 0; the built-in kinds keep their meaning."""
+    from randbp_cli.memory import KINDS, SAVED_KIND_ATTR
+
+    class Saver(nn.Module):
+        saved_kind = "toy_codes"
+
+        def forward(self, x):
+            return x.sin()  # sin keeps its input: filed under the module's kind
+
+    class Quiet(nn.Module):
+        saved_kind = "toy_seeds"
+
+        def forward(self, x):
+            return x * 2  # a scalar multiply keeps nothing
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.saver, self.quiet = nn.Linear(8, 8), Saver(), Quiet()
+
+        def forward(self, x):
+            h = self.quiet(self.saver(self.fc(x)))
+            tagged = h + 1
+            setattr(tagged, SAVED_KIND_ATTR, "toy_probs")
+            return tagged.cos()  # cos keeps its (tagged) input
+
+    x = torch.randn(10, 8)
+    stats = _count(Model(), x, exclude=[x])
+    assert stats.by_kind == {**dict.fromkeys(KINDS, 0), "other": 10 * 8 * F32,  # pow in _count keeps the output
+                             "toy_codes": 10 * 8 * F32, "toy_probs": 10 * 8 * F32, "toy_seeds": 0}

@@ -1,0 +1,370 @@
+"""Few-bit GELU: exact forward, a b-bit piecewise-constant derivative in backward (approximate).
+
+After Novikov et al., "Few-bit backward: quantized gradients of activation functions for memory
+footprint reduction" (ICML 2023).
+
+Trade-off: `nn.GELU` keeps its whole input x (N elements, 2–4 bytes each) until backward, only to
+evaluate GELU'(x) there. `FewBitGELU` keeps, per element, the index of the interval x fell in:
+b bits, packed, ⌈b·N/8⌉ bytes in all (2 bits: 1/16 of an fp32 input). Backward multiplies the
+incoming gradient by a constant per interval instead of GELU'(x).
+
+What is saved for backward (through `ctx.save_for_backward`): one uint8 tensor of ⌈b·N/8⌉
+bytes, the packed interval indices. Nothing else: not x, not the output.
+What is recomputed in backward: q(x) per element, read straight from the packed bytes through a
+small table (one row of levels per byte, or per 12 bits for b = 3), times the incoming gradient.
+
+What is exact: the forward output (`F.gelu`, the erf form, as `GELUActivation` and
+`nn.GELU()` compute it). What is approximate: ∂L/∂x = g ⊙ q(x) instead of g ⊙ GELU'(x).
+
+The levels q: 2^b intervals of the real line, cut at boundaries t_1 < … < t_{K-1}, with one
+value each, chosen to minimise E[(GELU'(X) − q(X))²] for X ~ N(0, 1). Why that distribution:
+GELU's input in a Transformer is a linear layer applied to a LayerNorm output, roughly zero-mean
+and unit-scale, and the paper weights the fit the same way; `gelu_gradient_error` measures the
+error on real activations, where that assumption can be checked. GELU'(x) = Φ(x) + x·φ(x) is
+not monotonic (a dip to −0.13 at x = −√2, a bump to 1.13 at +√2), so the intervals are not
+found by a quantile heuristic: a dynamic programme finds the optimal partition among cut
+points on a fine grid, then coordinate ascent on the exact objective moves each cut off the
+grid to its stationary point (`_refine`). At the optimum each value is the N(0,1)-
+weighted mean of GELU' over its interval and GELU' at each cut equals the midpoint of the two
+values beside it (tests/test_savers.py checks both, against an independent brute force).
+
+Caveats:
+  * Boundaries are compared in the input's dtype (in bf16 they move by up to 2^-8 relative).
+  * Only the erf GELU: the tanh approximation has a different derivative; `randbp_cli.savers`
+    refuses to replace it.
+  * Nothing is quantized or saved under `torch.no_grad()` or for inputs that need no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .memory import SAVED_KIND_ATTR
+
+BITS = (1, 2, 3, 4)
+SAVED_KIND = "gelu_codes"
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ConfigError(f"GELU bits must be one of {', '.join(map(str, BITS))} (got {bits!r})")
+    return bits
+
+
+# ---------------------------------------------------------------------------- the levels
+
+
+def _cdf(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def _pdf(x: float) -> float:
+    return _INV_SQRT_2PI * math.exp(-0.5 * x * x)
+
+
+def gelu_derivative(x: Tensor) -> Tensor:
+    """GELU'(x) = Φ(x) + x·φ(x), the derivative of the erf GELU, in x's dtype."""
+    return torch.special.ndtr(x) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _moment(x: float) -> float:
+    """M(x) = ∫_{-∞}^{x} GELU'(t) φ(t) dt = (Φ(x)² − φ(x)²) / 2 (d/dx: φ·(Φ + xφ) = φ·GELU')."""
+    if x == math.inf:
+        return 0.5
+    if x == -math.inf:
+        return 0.0
+    return 0.5 * (_cdf(x) ** 2 - _pdf(x) ** 2)
+
+
+def _cdf_or_limit(x: float) -> float:
+    return 1.0 if x == math.inf else 0.0 if x == -math.inf else _cdf(x)
+
+
+def _interval_means(cuts: list[float]) -> list[float]:
+    """E[GELU'(X) | X in interval k] for the intervals cut at `cuts` (with ±∞ at the ends)."""
+    edges = [-math.inf, *cuts, math.inf]
+    return [(_moment(b) - _moment(a)) / (_cdf_or_limit(b) - _cdf_or_limit(a)) for a, b in zip(edges, edges[1:])]
+
+
+def _objective(cuts: list[float]) -> float:
+    """Σ_k (∫_k GELU' φ)² / ∫_k φ. The expected squared error is E[GELU'²] minus this."""
+    edges = [-math.inf, *cuts, math.inf]
+    return sum((_moment(b) - _moment(a)) ** 2 / (_cdf_or_limit(b) - _cdf_or_limit(a))
+               for a, b in zip(edges, edges[1:]))
+
+
+def _grid_partition(levels: int, half_width: float = 5.0, step: float = 1 / 128) -> list[float]:
+    """The best partition into `levels` intervals with cuts on a grid: exact DP, O(levels·G²).
+
+    best[j] after round r = the largest objective of r intervals covering (−∞, node j]; nodes
+    are −∞, the grid, +∞. Each interval's term depends only on its two ends, so the optimum
+    over all partitions is found exactly (for cuts restricted to the grid).
+    """
+    grid = torch.arange(-half_width, half_width + step / 2, step, dtype=torch.float64)
+    nodes = torch.cat([grid.new_tensor([-math.inf]), grid, grid.new_tensor([math.inf])])  # (G,)
+    pdf = torch.exp(-0.5 * nodes * nodes) * _INV_SQRT_2PI  # 0 at ±∞
+    cdf = torch.special.ndtr(nodes)
+    moment = 0.5 * (cdf * cdf - pdf * pdf)
+    mass = cdf[None, :] - cdf[:, None]  # (G, G): [i, j] = P(node_i < X <= node_j)
+    score = (moment[None, :] - moment[:, None]) ** 2 / mass
+    score = torch.where(mass > 0, score, torch.full_like(score, -math.inf))  # only i < j
+    best = score[0].clone()  # one interval: (−∞, node_j]
+    choices = []
+    for _ in range(levels - 1):
+        total = best[:, None] + score  # (G, G): end the previous intervals at i, add (i, j]
+        choice = total.argmax(0)
+        best = total.gather(0, choice[None]).squeeze(0)
+        choices.append(choice)
+    cuts, j = [], len(nodes) - 1
+    for choice in reversed(choices):
+        j = int(choice[j])
+        cuts.append(float(nodes[j]))
+    return sorted(cuts)
+
+
+def _stationarity(cuts: Tensor) -> Tensor:
+    """2·GELU'(t_k) − c_k − c_{k+1} for every cut: zero where ∂J/∂t_k is zero.
+
+    ∂J/∂t_k = φ(t_k)·(c_k − c_{k+1})·(2·GELU'(t_k) − c_k − c_{k+1}), c the interval means.
+    """
+    c = _interval_means(cuts.tolist())
+    return torch.tensor([2 * (_cdf(t) + t * _pdf(t)) - c[k] - c[k + 1] for k, t in enumerate(cuts.tolist())],
+                        dtype=torch.float64)
+
+
+def _refine(cuts: list[float], iterations: int = 50, tol: float = 1e-13) -> list[float]:
+    """Newton's method on the stationarity equations, from the grid optimum, off the grid.
+
+    The grid optimum lies within a grid step of the continuous one, so Newton (with a central-
+    difference Jacobian, tridiagonal in fact, and steps halved until the objective does not
+    fall and the cuts stay ordered) converges to it in a few iterations.
+    """
+    t = torch.tensor(cuts, dtype=torch.float64)
+    for _ in range(iterations):
+        residual = _stationarity(t)
+        if float(residual.abs().max()) < tol:
+            break
+        h = 1e-7
+        jacobian = torch.stack([(_stationarity(t + h * e) - _stationarity(t - h * e)) / (2 * h)
+                                for e in torch.eye(len(cuts), dtype=torch.float64)], dim=1)
+        step = torch.linalg.solve(jacobian, -residual)
+        base = _objective(t.tolist())
+        for _ in range(30):
+            trial = t + step
+            if bool((trial.diff() > 0).all()) and _objective(trial.tolist()) >= base - 1e-15:
+                break
+            step = step / 2
+        t = trial
+    return t.tolist()
+
+
+def _second_moment(half_width: float = 12.0, points: int = 200_001) -> float:
+    """E[GELU'(X)²], X ~ N(0,1), by the trapezoid rule (the integrand is smooth and decays fast)."""
+    x = torch.linspace(-half_width, half_width, points, dtype=torch.float64)
+    integrand = gelu_derivative(x) ** 2 * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return float(torch.trapezoid(integrand, x))
+
+
+@dataclass(frozen=True)
+class GeluLevels:
+    """The b-bit derivative q: `values[k]` on [boundaries[k-1], boundaries[k]), ±∞ at the ends."""
+
+    bits: int
+    boundaries: tuple[float, ...]  # 2^b − 1 increasing cuts
+    values: tuple[float, ...]  # 2^b levels, one per interval
+    expected_squared_error: float  # E[(GELU'(X) − q(X))²], X ~ N(0, 1)
+    relative_rms_error: float  # sqrt(expected_squared_error / E[GELU'(X)²])
+
+
+@functools.cache
+def gelu_levels(bits: int) -> GeluLevels:
+    """The optimal b-bit levels (computed once per b and cached, deterministic; < 1 s each)."""
+    check_bits(bits)
+    cuts = _refine(_grid_partition(2 ** bits))
+    second = _second_moment()
+    error = max(second - _objective(cuts), 0.0)
+    return GeluLevels(bits, tuple(cuts), tuple(_interval_means(cuts)), error, math.sqrt(error / second))
+
+
+# ---------------------------------------------------------------------------- packing
+#
+# Layout: a little-endian bitstream, code i at bits [b·i, b·i + b), ⌈b·n/8⌉ bytes. A group of 8
+# codes fills exactly b bytes, so packing works on 8 codes at once (one int64 per group), and
+# backward reads whole chunks of codes with one table row per chunk (`_chunk_levels`).
+
+
+def _gather_bits_(words: Tensor, bits: int) -> Tensor:
+    """In place: int64 words holding 8 codes in byte lanes -> the codes b bits apart (low 8·b bits).
+
+    Three steps, each halving the number of lanes: pairs, quads, then all eight.
+    """
+    shifted = torch.empty_like(words)
+    for step in range(3):
+        lane = 8 << step  # 8, 16, 32 bits: the lanes being merged
+        width = bits << step  # bits already gathered at the bottom of each lane
+        words.bitwise_or_(torch.bitwise_right_shift(words, lane - width, out=shifted))
+        keep = (1 << (2 * width)) - 1  # the gathered bits at the bottom of each double lane
+        words.bitwise_and_(sum(keep << (2 * lane * i) for i in range(64 // (2 * lane))))  # < 2^63 for b <= 4
+    return words
+
+
+def _pack_(codes: Tensor, bits: int) -> Tensor:
+    """`pack_codes` that may overwrite `codes` (a flat uint8 tensor the caller no longer needs)."""
+    n = codes.numel()
+    if n % 8:
+        codes = torch.cat([codes, codes.new_zeros(8 - n % 8)])
+    words = _gather_bits_(codes.view(torch.int64), bits)  # (G,) one group of 8 codes each
+    nbytes = math.ceil(bits * n / 8)
+    packed = words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)[:nbytes]  # the low b bytes of each
+    # own exactly the bytes kept (a view would keep the words, or the padded tail, alive)
+    return packed if packed.untyped_storage().nbytes() == nbytes else packed.clone()
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """n b-bit codes (uint8, values < 2^b) -> exactly ⌈b·n/8⌉ bytes (see the layout above)."""
+    return _pack_(codes.reshape(-1).clone(), bits)
+
+
+def _chunks(packed: Tensor, bits: int, n: int) -> Tensor:
+    """The packed stream as int32 chunk indices: bytes, or 12-bit pieces for b = 3."""
+    groups = math.ceil(n / 8)
+    if packed.numel() < bits * groups:  # the truncated tail back to whole groups
+        packed = torch.cat([packed, packed.new_zeros(bits * groups - packed.numel())])
+    if bits != 3:
+        return packed.to(torch.int32)  # (b·G,) 8 / b codes per byte
+    b = packed.view(groups, 3).to(torch.int32)  # 24 bits = two 12-bit chunks of 4 codes
+    low = b[:, 0] | ((b[:, 1] & 0xF) << 8)
+    high = (b[:, 1] >> 4) | (b[:, 2] << 4)
+    return torch.stack([low, high], dim=1).reshape(-1)  # (2·G,)
+
+
+def _chunk_bits(bits: int) -> int:
+    return 12 if bits == 3 else 8
+
+
+@functools.cache
+def _chunk_codes(bits: int, device: torch.device) -> Tensor:
+    """(2^chunk_bits, codes per chunk) int64: row c holds the codes packed in chunk value c."""
+    per_chunk = _chunk_bits(bits) // bits
+    chunk = torch.arange(1 << _chunk_bits(bits), device=device)[:, None]
+    return (chunk >> (bits * torch.arange(per_chunk, device=device))) & ((1 << bits) - 1)
+
+
+@functools.cache
+def _chunk_levels(bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Row c: q at the codes packed in chunk value c, in `dtype`."""
+    return torch.tensor(gelu_levels(bits).values, dtype=dtype, device=device)[_chunk_codes(bits, device)]
+
+
+def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
+    """The inverse of `pack_codes`: n uint8 codes."""
+    table = _chunk_codes(bits, packed.device).to(torch.uint8)
+    return table.index_select(0, _chunks(packed, bits, n)).reshape(-1)[:n]
+
+
+def unpack_levels(packed: Tensor, bits: int, n: int, dtype: torch.dtype) -> Tensor:
+    """q(x) for the n packed codes, in `dtype`: one table row per chunk, no per-code pass."""
+    table = _chunk_levels(bits, dtype, packed.device)
+    return table.index_select(0, _chunks(packed, bits, n)).reshape(-1)[:n]
+
+
+def quantize(x: Tensor, bits: int) -> Tensor:
+    """The interval index of every element of x (flattened), as uint8: #{k : x >= t_k}."""
+    cuts = gelu_levels(bits).boundaries
+    flat = x.reshape(-1)
+    codes = torch.ge(flat, cuts[0]).view(torch.uint8)
+    above = torch.empty_like(codes, dtype=torch.bool)
+    for t in cuts[1:]:  # the intervals are ordered by x even though their values are not
+        codes.add_(torch.ge(flat, t, out=above).view(torch.uint8))
+    return codes
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+class FewBitGeluFunction(torch.autograd.Function):
+    """out = GELU(x) exactly; backward: ∂L/∂x = g ⊙ q(x) from the packed b-bit interval codes."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits: int):
+        packed = _pack_(quantize(x, bits), bits)  # (⌈b·N/8⌉,) uint8
+        setattr(packed, SAVED_KIND_ATTR, SAVED_KIND)
+        ctx.bits, ctx.shape = bits, x.shape
+        ctx.save_for_backward(packed)
+        return F.gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (packed,) = ctx.saved_tensors
+        slope = unpack_levels(packed, ctx.bits, grad_out.numel(), grad_out.dtype)  # (N,) q(x)
+        return slope.view(ctx.shape).mul_(grad_out), None
+
+
+def few_bit_gelu(x: Tensor, bits: int = 2) -> Tensor:
+    """`F.gelu(x)` (erf form) whose backward uses the b-bit derivative; see the module doc."""
+    check_bits(bits)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.gelu(x)  # nothing will be differentiated: nothing to keep
+    return FewBitGeluFunction.apply(x, bits)
+
+
+class FewBitGELU(nn.Module):
+    """Drop-in erf GELU that keeps b bits per element for backward instead of its input."""
+
+    saved_kind = SAVED_KIND  # how memory.SavedTensorCounter files what this module saves
+
+    def __init__(self, bits: int = 2) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return few_bit_gelu(x, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+# ---------------------------------------------------------------------------- error report
+
+
+def gelu_gradient_error(x: Tensor, bits: int, grad: Tensor | None = None) -> dict:
+    """How far the b-bit derivative is from GELU' on captured GELU inputs `x`.
+
+    relative_error: ‖q(x) − GELU'(x)‖ / ‖GELU'(x)‖ over all elements.
+    weighted_relative_error (given the upstream gradient g, shaped like x):
+    ‖(q(x) − GELU'(x)) ⊙ g‖ / ‖GELU'(x) ⊙ g‖, the relative error of ∂L/∂x itself.
+    q is evaluated exactly as backward does (boundaries compared in x's dtype); the norms are
+    taken in float64. `normal_relative_rms_error` is the same ratio expected for x ~ N(0, 1).
+    """
+    levels = gelu_levels(check_bits(bits))
+    codes = quantize(x.detach(), bits)
+    x64 = x.detach().reshape(-1).double()
+    exact = gelu_derivative(x64)
+    approx = torch.tensor(levels.values, dtype=torch.float64, device=x.device)[codes.long()]
+    result = {
+        "bits": bits,
+        "elements": x64.numel(),
+        "relative_error": _ratio(approx - exact, exact),
+        "weighted_relative_error": None,
+        "normal_relative_rms_error": levels.relative_rms_error,
+    }
+    if grad is not None:
+        if grad.shape != x.shape:
+            raise ConfigError(f"grad must have the shape of x {tuple(x.shape)} (got {tuple(grad.shape)})")
+        g64 = grad.detach().reshape(-1).double()
+        result["weighted_relative_error"] = _ratio((approx - exact) * g64, exact * g64)
+    return result
+
+
+def _ratio(num: Tensor, den: Tensor) -> float:
+    den_norm = float(torch.linalg.vector_norm(den))
+    return float(torch.linalg.vector_norm(num)) / den_norm if den_norm > 0 else 0.0
