@@ -129,7 +129,7 @@ def convert(model: nn.Module, rho: float, *, sketch: str | Sketch = DEFAULT_SKET
     """
     check_rho(rho)
     sketch = get_sketch(sketch)
-    model = restore(model)
+    model = _restore_linears(model)
     selected = select_linears(model, include, exclude)
     # A module registered under two names (tied layers) must become one new module.
     originals = {name: model.get_submodule(name) for name in selected}
@@ -158,7 +158,14 @@ def converted_names(model: nn.Module) -> list[str]:
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo `convert`: put the original nn.Linear objects back. Returns the model."""
+    """Undo `convert` and `apply_savers`: the original modules (and attention) back. Returns the model."""
+    from .savers import restore_savers
+
+    return restore_savers(_restore_linears(model))
+
+
+def _restore_linears(model: nn.Module) -> nn.Module:
+    """Undo `convert` only: put the original nn.Linear objects back."""
     for handle in getattr(model, _SHARING_ATTR, ()):
         handle.remove()
     if hasattr(model, _SHARING_ATTR):

@@ -138,3 +138,15 @@ def test_other_hugging_face_encoders(model_type):
     out = model(input_ids=ids, labels=torch.tensor([0, 1]))
     out.loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "embeddings" not in n)
+
+
+def test_restore_undoes_savers_too_and_convert_keeps_them(tiny_roberta):
+    from randbp_cli import apply_savers, saver_names
+
+    model = apply_savers(tiny_roberta, ["dropout", "gelu:2"])
+    model = convert(model, 0.5)  # converting keeps the savers
+    assert saver_names(model) == ["dropout", "gelu:2"] and converted_names(model)
+    model = convert(model, 0.2)  # re-converting too
+    assert saver_names(model) == ["dropout", "gelu:2"]
+    model = restore(model)
+    assert saver_names(model) == [] and converted_names(model) == []
