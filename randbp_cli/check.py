@@ -18,16 +18,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RandbpError
+from .errors import ReportError
 
 PROFILE_SCHEMA = "randbp.profile/1"
 KNOWN_SCHEMAS = ("randbp.profile/1", "randbp.finetune/1", "randbp.variance/1")
-
-
-class ReportError(RandbpError):
-    """A report that cannot be used: missing, not JSON, not randbp, wrong schema (exit 2)."""
-
-    exit_code = 2
 
 
 def load_report(path: str | Path, expect: str | None = None) -> dict:

@@ -16,15 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, DeviceError, RandbpError
+from .errors import ConfigError, DeviceError, DistributedError
 
 BACKENDS = ("auto", "nccl", "gloo")
-
-
-class DistributedError(RandbpError):
-    """The process group could not be set up (exit code 1)."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)

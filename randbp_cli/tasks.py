@@ -24,19 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, RandbpError
-
-
-class DataError(RandbpError):
-    """Data that cannot be used as given (missing, unreadable, wrong columns, bad labels): exit 2."""
-
-    exit_code = 2
-
-
-class DataUnavailableError(RandbpError):
-    """No network and no local copy: exit 1, with how to supply the data."""
-
-    exit_code = 1
+from .errors import ConfigError, DataError, DataUnavailableError
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ def load_task_data(config: FinetuneConfig, vocab_size: int) -> TaskData:
         data.train = data.train.select(range(config.max_train_samples))
     if config.max_eval_samples:
         data.evals = {k: v.select(range(min(len(v), config.max_eval_samples))) for k, v in data.evals.items()}
-    from .tasks import DataError
+    from .errors import DataError
 
     if len(data.train) == 0:
         raise DataError("the training set is empty")

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from randbp_cli.errors import ConfigError
-from randbp_cli.tasks import (GLUE_TASKS, DataError, DataUnavailableError, compute_metrics, get_task,
+from randbp_cli.errors import ConfigError, DataError, DataUnavailableError
+from randbp_cli.tasks import (GLUE_TASKS, compute_metrics, get_task,
                               load_custom, load_glue_dir, load_glue_hub, synthetic_task)
 
 # (header or None, rows) per task, as in GLUE's distributed TSV files (GLUE.md). Quotes inside
