@@ -33,8 +33,8 @@ from .memory import NvmlSampler, RecomputeCounter, SavedTensorCounter, checkpoin
 from .models import LoadedModel, load_model, max_sequence_length
 from .profiling import dtype_name, method_label, resolve_device, resolve_dtype, set_checkpointing
 from .sketches import check_rho, get_sketch
-from .tasks import (TaskData, compute_metrics, get_task, load_custom, load_glue_dir, load_glue_hub,
-                    synthetic_task)
+from .loaders import load_custom, load_glue_dir, load_glue_hub
+from .tasks import TaskData, compute_metrics, get_task, synthetic_task
 
 SCHEMA = "randbp.finetune/1"
 DEFAULT_MODEL = "roberta-base"
