@@ -187,7 +187,8 @@ def profile(
 ) -> None:
     """Activation memory and step time of exact vs randomized backprop on a model."""
     from .profiling import ProfileConfig, resolve_device, run_profile, total_steps
-    from .report import check_writable, profile_table, to_json, write_json_atomic
+    from .render import profile_table
+    from .report import ProfileReport, check_writable, to_json, write_json_atomic
 
     config = ProfileConfig(model=model, rhos=rho or [0.5], sketches=sketch or ["gaussian"],
                            methods=method or ["randomized"], budget_mib=budget_mib,
@@ -198,19 +199,20 @@ def profile(
     if output is not None:
         check_writable(output)
     if check is not None:  # a bad baseline should fail before minutes of profiling, not after
-        from .check import PROFILE_SCHEMA, load_report, parse_tolerance
+        from .check import parse_tolerance
+        from .report import PROFILE_SCHEMA, load_report
 
         baseline = load_report(check, PROFILE_SCHEMA)
         tolerances = {"tolerance_peak": parse_tolerance(tolerance_peak, "--tolerance-peak"),
                       "tolerance_time": parse_tolerance(tolerance_time, "--tolerance-time")}
     total = total_steps(config, resolve_device(device))
     with _progress(total) as progress:
-        report = run_profile(config, progress=progress)
-    report["command"] = _command_line()
+        report = ProfileReport.from_dict(run_profile(config, progress=progress))
+    report.command = _command_line()
     if output is not None:
-        write_json_atomic(output, report)
+        write_json_atomic(output, report.to_dict())
     if json_output:
-        typer.echo(to_json(report))
+        typer.echo(to_json(report.to_dict()))
     else:
         out_console.print(profile_table(report))
         if output is not None:
@@ -225,7 +227,7 @@ def profile(
 
 def _print_check(result, quiet: bool = False, show_all: bool = False) -> None:
     """Warnings and the verdict on stderr; the table of what moved on stdout (unless quiet)."""
-    from .report import check_table
+    from .render import check_table
 
     for warning in result.warnings:
         _note(f"warning: {warning}; numbers may differ for that reason alone")
@@ -255,20 +257,20 @@ def check(
     json_output: JsonOption = False,
 ) -> None:
     """Compare a profile report with a baseline: exit 1 if memory regressed, 2 on usage problems."""
-    from .check import PROFILE_SCHEMA, compare_reports, load_report, parse_tolerance
-    from .report import to_json, write_json_atomic
+    from .check import compare_reports, parse_tolerance
+    from .report import PROFILE_SCHEMA, load_report, to_json, write_json_atomic
 
     tolerances = {"tolerance_peak": parse_tolerance(tolerance_peak, "--tolerance-peak"),
                   "tolerance_time": parse_tolerance(tolerance_time, "--tolerance-time"),
                   "tolerance_activation": parse_tolerance(tolerance_activation, "--tolerance-activation")}
     report = load_report(current, PROFILE_SCHEMA)
     if update:
-        write_json_atomic(baseline, report)
-        _note(f"baseline {baseline} rewritten from {current} ({len(report['results'])} cases)")
+        write_json_atomic(baseline, report.to_dict())
+        _note(f"baseline {baseline} rewritten from {current} ({len(report.results)} cases)")
         return
     result = compare_reports(report, load_report(baseline, PROFILE_SCHEMA), **tolerances)
     if json_output:
-        typer.echo(to_json(result.as_dict()))
+        typer.echo(to_json(result.to_dict()))
     _print_check(result, quiet=json_output, show_all=show_all)
     raise typer.Exit(result.exit_code)
 
@@ -283,9 +285,9 @@ def report(
     output_format: Annotated[str, typer.Option("--format", help="table (rich) or markdown.")] = "table",
 ) -> None:
     """Render saved reports as the commands' tables, as Markdown, or as a plot."""
-    from .check import load_report
     from .errors import ConfigError
-    from .report import check_writable, report_kind, table_to_markdown, tables_for
+    from .render import check_image_path, table_to_markdown, tables_for, write_plot
+    from .report import check_writable, load_report
 
     if output_format not in ("table", "markdown"):
         raise ConfigError(f"--format must be table or markdown (got {output_format!r})")
@@ -293,41 +295,15 @@ def report(
     tables = tables_for(reports)
     if plot is not None:
         check_writable(plot)
-        _check_image_suffix(plot)
+        check_image_path(plot)
     if output_format == "markdown":
         typer.echo("\n\n".join(table_to_markdown(t) for t in tables))
     else:
         for table in tables:
             out_console.print(table)
     if plot is not None:
-        _write_plot(report_kind(reports[0]), reports, plot)
+        write_plot(reports, plot)
         _note(f"plot written to {plot}")
-
-
-IMAGE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp")
-
-
-def _check_image_suffix(path: Path) -> None:
-    from .errors import ConfigError
-
-    suffix = path.suffix.lstrip(".").lower()
-    if suffix and suffix not in IMAGE_FORMATS:
-        raise ConfigError(f"--plot {str(path)!r}: cannot draw a .{suffix} file; use one of "
-                          f"{', '.join('.' + f for f in IMAGE_FORMATS)}")
-
-
-def _write_plot(kind: str, reports: list[dict], path: Path) -> None:
-    from . import plots
-    from .report import atomic_path, merge_profiles
-
-    image_format = path.suffix.lstrip(".").lower() or "png"
-    with atomic_path(path) as tmp:
-        if kind == "profile":
-            plots.plot_profile(merge_profiles(reports), tmp, image_format)
-        elif kind == "finetune":
-            plots.plot_finetune(reports[0], tmp, image_format)
-        else:
-            plots.plot_variance(reports[0], tmp, image_format)
 
 
 def _split_columns(value: Optional[str]) -> Optional[list[str]]:
@@ -416,7 +392,8 @@ def finetune(
     Several GPUs or machines: launch it with torchrun (torchrun --nproc-per-node N -m randbp_cli
     finetune ...); --batch-size is per process.
     """
-    from .report import check_writable, epoch_table, finetune_table, to_json, write_json_atomic
+    from .render import finetune_tables
+    from .report import FinetuneReport, check_writable, to_json, write_json_atomic
     from .train import FinetuneConfig, run_finetune
 
     config = FinetuneConfig(
@@ -436,24 +413,23 @@ def finetune(
     dist, rank_device = init_distributed(world_size, rank, local_rank, backend, device, local_world_size)
     try:
         with _stop_on_signals() as stop, _training_progress(stop, enabled=dist.is_main) as callbacks:
-            report = run_finetune(config, callbacks, dist, rank_device)
+            report = FinetuneReport.from_dict(run_finetune(config, callbacks, dist, rank_device))
     finally:
         shutdown(dist)
-    interrupted = report["status"] == "interrupted"
+    interrupted = report.status == "interrupted"
     if not dist.is_main:  # rank 0 alone prints and writes
         raise typer.Exit(130 if interrupted else 0)
-    report["command"] = _command_line()
+    report.command = _command_line()
     if output is not None:
-        write_json_atomic(output, report)
+        write_json_atomic(output, report.to_dict())
     if json_output:
-        typer.echo(to_json(report))
+        typer.echo(to_json(report.to_dict()))
     else:
-        for run in report["runs"]:
-            out_console.print(epoch_table(run))
-        out_console.print(finetune_table(report))
+        for table in finetune_tables(report):
+            out_console.print(table)
         if output is not None:
             _note(f"report written to {output}")
-    save_errors = [run["save_error"] for run in report["runs"] if run.get("save_error")]
+    save_errors = [run.save_error for run in report.runs if run.save_error]
     for message in save_errors:
         _note(f"randbp: error: {message} (the report keeps the finished runs)")
     if interrupted:
@@ -526,7 +502,8 @@ def variance(
     output: OutputOption = None,
 ) -> None:
     """Randomized vs mini-batch (SGD) gradient variance, per layer and sketch, on real batches."""
-    from .report import check_writable, to_json, variance_table, write_json_atomic
+    from .render import check_image_path, variance_table, write_plot
+    from .report import VarianceReport, check_writable, to_json, write_json_atomic
     from .train import VarianceConfig
     from .variance import run_variance
 
@@ -541,19 +518,19 @@ def variance(
         if path is not None:
             check_writable(path)
     if plot is not None:
-        _check_image_suffix(plot)
+        check_image_path(plot)
     with _stop_on_signals() as stop, _training_progress(stop) as callbacks:
-        report = run_variance(config, callbacks)
-    report["command"] = _command_line()
+        report = VarianceReport.from_dict(run_variance(config, callbacks))
+    report.command = _command_line()
     if output is not None:
-        write_json_atomic(output, report)
+        write_json_atomic(output, report.to_dict())
     if plot is not None:
-        _write_plot("variance", [report], plot)
+        write_plot([report], plot)
     if json_output:
-        typer.echo(to_json(report))
+        typer.echo(to_json(report.to_dict()))
     else:
         out_console.print(variance_table(report))
-    if report["status"] == "interrupted":
+    if report.status == "interrupted":
         _note("interrupted: the report holds what finished")
         raise typer.Exit(130)
 
