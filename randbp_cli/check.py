@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, ReportError
-from .profiling import method_label
+from .methods import method_label
 from .report import CHECK_SCHEMA, ProfileReport, ProfileResult
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .check import CheckResult
 from .errors import ConfigError
-from .profiling import method_label
+from .methods import method_label
 from .report import (FinetuneReport, FinetuneRun, ProfileReport, Report, VarianceReport, atomic_path, merge_profiles,
                      one_kind)
 
