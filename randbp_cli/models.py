@@ -16,7 +16,6 @@ Anything else is a `ModelNotFoundError` that says how to supply the model.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -184,13 +183,6 @@ def max_sequence_length(model: nn.Module) -> int:
     if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
         return positions - (config.pad_token_id or 0) - 1
     return positions
-
-
-def builtin_config(name: str) -> dict:
-    path = builtin_config_path(name)
-    if path is None:
-        raise ModelNotFoundError(f"no built-in config {name!r}: choose one of {', '.join(builtin_models())}")
-    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------------------- saving
