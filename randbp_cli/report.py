@@ -39,6 +39,7 @@ class Record:
     """A dataclass that is exactly one JSON object: its fields in order, then the unknown keys."""
 
     extra: dict = field(default_factory=dict, repr=False)  # keys this version does not know, kept as read
+    missing: frozenset[str] = field(default=frozenset(), repr=False)  # fields an older report read lacked
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()  # keys a report leaves out rather than null
     ROWS: ClassVar[dict[str, type[Record]]] = {}  # list fields whose items are records themselves
 
@@ -46,19 +47,22 @@ class Record:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "extra" or (value is None and f.name in self.OMIT_IF_NONE):
+            left_out = f.name in self.missing or (value is None and f.name in self.OMIT_IF_NONE)
+            if f.name in ("extra", "missing") or left_out:
                 continue
             out[f.name] = [row.to_dict() for row in value] if f.name in self.ROWS else value
         return {**out, **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict):
-        names = {f.name for f in fields(cls)} - {"extra"}
+        """The record of a JSON object: what a report read back holds is written back unchanged."""
+        names = {f.name for f in fields(cls)} - {"extra", "missing"}
         known = {key: value for key, value in data.items() if key in names}
         for name, row in cls.ROWS.items():
             if isinstance(known.get(name), list):
                 known[name] = [row.from_dict(item) if isinstance(item, dict) else item for item in known[name]]
-        return cls(**known, extra={key: value for key, value in data.items() if key not in names})
+        return cls(**known, extra={key: value for key, value in data.items() if key not in names},
+                   missing=frozenset(names - known.keys()))
 
 
 @dataclass(kw_only=True)
