@@ -124,7 +124,8 @@ def compare_reports(current: ProfileReport, baseline: ProfileReport, *, toleranc
                           "device): profile the baseline's configuration, or --update the baseline on purpose")
     missing = [k for k in base if k not in now]
     if missing:
-        shown = "; ".join(describe_key(k) for k in missing[:3]) + (f"; ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        shown = "; ".join(describe_key(k) for k in missing[:3])
+        shown += f"; ... ({len(missing)} in all)" if len(missing) > 3 else ""
         raise ReportError(f"the current report lacks baseline case(s): {shown}; profile the same configuration, "
                           "or --update the baseline on purpose")
     result = CheckResult(matched=len(common), new_cases=[describe_key(k) for k in now if k not in base],

@@ -159,13 +159,13 @@ def profile(
     rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Compression rate in (0, 1]. "
                                                        "Repeat for a sweep. [default: 0.5]")] = None,
     sketch: Annotated[Optional[list[str]], typer.Option("--sketch", help=SKETCHES_HELP)] = None,
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="Besides the exact baseline: randomized, "
-                                                        "checkpoint (Hugging Face activation checkpointing), "
-                                                        "checkpoint+randomized. Repeatable. [default: randomized]")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(
+        "--method", help="Besides the exact baseline: randomized, checkpoint (Hugging Face activation "
+                         "checkpointing), checkpoint+randomized. Repeatable. [default: randomized]")] = None,
     budget_mib: Annotated[Optional[float], typer.Option(help="Also find, by measuring, the largest batch whose "
                                                         "activations fit this many MiB, per method.")] = None,
-    batch_size: Annotated[Optional[list[int]], typer.Option("--batch-size", "-b",
-                                                            help="Batch size; repeat for several. [default: 8]")] = None,
+    batch_size: Annotated[Optional[list[int]], typer.Option(
+        "--batch-size", "-b", help="Batch size; repeat for several. [default: 8]")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -260,7 +260,8 @@ def finetune(
     rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Randomize every linear layer at this "
                                                        "compression rate; repeat for several runs. Without it: "
                                                        "exact training.")] = None,
-    compare: Annotated[bool, typer.Option(help="Add an exact run beside the --rho runs (same data, same seed).")] = False,
+    compare: Annotated[bool, typer.Option(help="Add an exact run beside the --rho runs (same data, same "
+                                               "seed).")] = False,
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Runs to make: exact, randomized (one per "
                                                         "--rho), checkpoint, checkpoint+randomized. Repeatable. "
                                                         "[default: exact and/or randomized from --rho]")] = None,

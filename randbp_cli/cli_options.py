@@ -24,7 +24,7 @@ SKETCH_HELP = f"Sketch: {', '.join(sketch_names())}."
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the JSON report to this file "
                                                    "(atomically, only once the run succeeded).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the JSON report on stdout.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for weights, data order, dropout and sketches.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for weights, data, dropout and sketches.")]
 DtypeOpt = Annotated[str, typer.Option(help="Model dtype: float32, bfloat16, float16, float64.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 OfflineOpt = Annotated[bool, typer.Option(help="Never contact the Hugging Face Hub.")]

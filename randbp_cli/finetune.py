@@ -90,7 +90,8 @@ def _start_run(plan: FinetunePlan, method: Method, inputs: TaskInputs, loaded: L
     from torch.utils.data import DataLoader, DistributedSampler
 
     config, spec = plan.config, inputs.data.spec
-    engine = Engine(loaded.model, plan.device, include=config.include, exclude=config.exclude, dist=dist)
+    engine = Engine(loaded.model, plan.device, include=config.include, exclude=config.exclude, dist=dist,
+                    compile=plan.compile)
     engine.apply(method)
     batch_size, lr, epochs = config.batch_size or spec.batch_size, config.lr or spec.lr, config.epochs or spec.epochs
     # The same sampler for one process or many: rank r of W takes every W-th index of one seeded

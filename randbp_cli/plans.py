@@ -120,8 +120,7 @@ class ProfilePlan:
     device: torch.device
     dtype: torch.dtype
     cases: tuple[ProfileCase, ...]
-    # NOTE: extension point: a torch.compile mode applied to the model for every case alike (not yet used)
-    compile: str | None = None
+    compile: str | None = None  # NOTE: extension point, a torch.compile mode for every case (engine.py)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -271,8 +270,7 @@ class TrainingPlan:
     dtype: torch.dtype
     model_name: str
     task: TaskSpec | None  # None: the user's own files, whose labels decide the task
-    # NOTE: extension point: a torch.compile mode applied to the model for every method alike (not yet used)
-    compile: str | None = None
+    compile: str | None = None  # NOTE: extension point, a torch.compile mode for every method (engine.py)
 
     def optimizer(self, parameters, lr: float) -> torch.optim.Optimizer:
         """AdamW as Fairseq configures it for GLUE (docs/method.md §5): decay on every parameter."""

@@ -57,7 +57,8 @@ class _Profiler:
     def __init__(self, model: nn.Module, plan: ProfilePlan) -> None:
         config = plan.config
         self.plan = plan
-        self.engine = Engine(model, plan.device, include=config.include, exclude=config.exclude)
+        self.engine = Engine(model, plan.device, include=config.include, exclude=config.exclude,
+                             compile=plan.compile)
         # foreach=False keeps AdamW's transient buffers small and the same for every case
         self.engine.use_optimizer(torch.optim.AdamW(self.engine.model.parameters(), lr=config.lr, foreach=False))
         self.batches = {b: self.batch(b) for b in plan.batch_sizes}

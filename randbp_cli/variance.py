@@ -200,7 +200,8 @@ def measure_variance(plan: VariancePlan, callbacks: TrainCallbacks | None = None
     config = plan.config
     loaded, inputs = load_model_and_task(plan)
     spec = inputs.data.spec
-    engine = Engine(loaded.model, plan.device, include=config.include, exclude=config.exclude)
+    engine = Engine(loaded.model, plan.device, include=config.include, exclude=config.exclude,
+                    compile=plan.compile)
     engine.apply(plan.train_method)
     layers = select_layers(engine.model, config.layers)
     batch_size, lr = config.batch_size or spec.batch_size, config.lr or spec.lr
