@@ -20,17 +20,17 @@ except ImportError:  # older typer: plain click
     from click import ClickException as _UsageError
 
 from . import __version__, distributed
-from .distributed import Distributed
 from .check import compare_reports, parse_tolerance
 from .cli_console import note, one_line, out_console, phase_progress, stop_on_signals, training_progress
 from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, DataDirOpt, DeviceOpt, DtypeOpt, ExcludeOpt,
                           IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt, MaxLengthOpt, MaxTrainOpt, ModelOpt,
                           OfflineOpt, OutputOpt, SeedOpt, TaskOpt, TextColumnsOpt, TolerancePeakOpt, ToleranceTimeOpt,
                           TrainFileOpt, ValidationFileOpt, command_line, data_options, torchrun_environment)
-from .plans import FinetuneConfig, FinetunePlan, ProfileConfig, VarianceConfig
+from .distributed import Distributed
 from .errors import ConfigError, RandbpError
 from .finetune import finetune_model
 from .methods import DEFAULT_SKETCH
+from .plans import FinetuneConfig, FinetunePlan, ProfileConfig, VarianceConfig
 from .profiling import profile_model
 from .render import check_image_path, check_table, table_to_markdown, tables_for, write_plot
 from .report import (PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, check_writable, load_report, to_json,
@@ -325,6 +325,7 @@ def _finetune_on_this_rank(plan: FinetunePlan, backend: str,
     torchrun = torchrun_environment()
     if output is not None and torchrun.rank == 0:  # rank 0 alone writes the report
         check_writable(output)
+    # through the module, so a test can stand in for the process group
     dist, rank_device = distributed.init_distributed(torchrun.world_size, torchrun.rank, torchrun.local_rank,
                                                      backend, plan.device, torchrun.local_world_size)
     try:

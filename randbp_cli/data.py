@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .plans import TrainingPlan
 from .convert import select_linears
 from .errors import DataError
 from .loaders import load_custom, load_glue_dir, load_glue_hub
 from .models import LoadedModel, builtin_config_path, hub_reachable, load_model, max_sequence_length
+from .plans import TrainingPlan
 from .tasks import TaskData, synthetic_task
 
 

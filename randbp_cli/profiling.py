@@ -22,7 +22,6 @@ import multiprocessing
 import torch
 from torch import nn
 
-from .plans import ProfileCase, ProfileConfig, ProfilePlan
 from .convert import select_linears
 from .devices import dtype_name
 from .engine import Batch, Engine, Progress
@@ -30,6 +29,7 @@ from .errors import ConfigError
 from .memory import NvmlSampler, summarize_times
 from .methods import EXACT
 from .models import LoadedModel, load_model, max_sequence_length
+from .plans import ProfileCase, ProfileConfig, ProfilePlan
 from .report import ProfileReport, ProfileResult, environment
 
 CHECKPOINT_NOTE = ("each unit's input is kept; one unit at a time is recomputed in backward "

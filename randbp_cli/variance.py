@@ -14,6 +14,8 @@ G = YᵀX (the transpose of XᵀY; the same norm). We report
 
 `capture_linear_io` records X and Y of chosen layers for one forward/backward only, so the
 measurement costs memory only on measured steps and only for the layers asked for.
+`measure_variance(plan)` is `randbp variance`: it trains through the engine (exactly, or
+randomized with `--train-rho`) and measures every `--every` steps.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .plans import VarianceConfig, VariancePlan
 from .convert import name_matches
 from .data import load_model_and_task
 from .engine import Engine, TrainCallbacks
 from .errors import ConfigError
 from .layers import draw_seed
+from .plans import VarianceConfig, VariancePlan
 from .report import VarianceRecord, VarianceReport, VarianceSummary, environment
 from .sketches import Sketch, get_sketch, sketch_rows
 
@@ -140,7 +142,8 @@ def capture_linear_io(model: nn.Module, layers: Iterable[str]):
 # ---------------------------------------------------------------------------- the command
 
 
-def _measure_step(plan: VariancePlan, engine: Engine, batch: dict, step: int, layers: list[str]):
+def _measure_step(plan: VariancePlan, engine: Engine, batch: dict, step: int,
+                  layers: list[str]) -> tuple[Tensor, list[VarianceRecord]]:
     """A training forward and backward with every selected layer's X and Y captured and measured."""
     config = plan.config
     with capture_linear_io(engine.model, layers) as captured:
