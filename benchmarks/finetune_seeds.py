@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from randbp_cli.report import write_json_atomic  # noqa: E402
-from randbp_cli.train import FinetuneConfig, run_finetune  # noqa: E402
+from randbp_cli.finetune import run_finetune  # noqa: E402
+from randbp_cli.plans import FinetuneConfig  # noqa: E402
 
 
 def main() -> int:

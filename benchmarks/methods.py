@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from randbp_cli.profiling import ProfileConfig, run_profile  # noqa: E402
+from randbp_cli.plans import ProfileConfig  # noqa: E402
+from randbp_cli.profiling import run_profile  # noqa: E402
 from randbp_cli.report import environment, write_json_atomic  # noqa: E402
 from randbp_cli.sketches import sketch_names  # noqa: E402
 
@@ -82,7 +83,7 @@ def budget(args) -> list[dict]:
 
 def variance(args) -> dict[float, dict]:
     from randbp_cli.models import load_model
-    from randbp_cli.train import VarianceConfig
+    from randbp_cli.plans import VarianceConfig
     from randbp_cli.variance import run_variance
 
     middle = load_model(args.model, offline=True).model.config.num_hidden_layers // 2  # block 6 of 12

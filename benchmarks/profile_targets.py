@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from randbp_cli.profiling import ProfileConfig, run_profile  # noqa: E402
+from randbp_cli.plans import ProfileConfig  # noqa: E402
+from randbp_cli.profiling import run_profile  # noqa: E402
 from randbp_cli.report import write_json_atomic  # noqa: E402
 
 

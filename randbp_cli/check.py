@@ -14,59 +14,21 @@ passes: a gate that silently compares nothing protects nothing.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .errors import RandbpError
-
-PROFILE_SCHEMA = "randbp.profile/1"
-KNOWN_SCHEMAS = ("randbp.profile/1", "randbp.finetune/1", "randbp.variance/1")
+from .errors import ConfigError, ReportError
+from .methods import method_label
+from .report import CHECK_SCHEMA, ProfileReport, ProfileResult
 
 
-class ReportError(RandbpError):
-    """A report that cannot be used: missing, not JSON, not randbp, wrong schema (exit 2)."""
-
-    exit_code = 2
-
-
-def load_report(path: str | Path, expect: str | None = None) -> dict:
-    """Read a randbp JSON report; `expect` = the schema it must have (name and version)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ReportError(f"report {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"cannot read report {str(path)!r}: {getattr(err, 'strerror', None) or err}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); "
-                          "is it a complete randbp report?") from None
-    schema = data.get("schema") if isinstance(data, dict) else None
-    if not isinstance(schema, str) or not schema.startswith("randbp."):
-        raise ReportError(f"{str(path)!r} is not a randbp report (no randbp 'schema' key)")
-    if schema not in KNOWN_SCHEMAS:
-        raise ReportError(f"{str(path)!r} has schema {schema!r}, which this randbp does not read "
-                          f"(it reads {', '.join(KNOWN_SCHEMAS)})")
-    if expect is not None and schema != expect:
-        raise ReportError(f"{str(path)!r} is a {schema} report; expected {expect}")
-    key = {"randbp.profile/1": "results", "randbp.finetune/1": "runs", "randbp.variance/1": "records"}[schema]
-    if not isinstance(data.get(key), list):
-        raise ReportError(f"{str(path)!r} is a {schema} report without its {key!r} list: corrupt or truncated")
-    return data
-
-
-def case_key(report: dict, result: dict) -> tuple:
-    model = result.get("model") or (report.get("model") or {}).get("name")
-    return (model, result.get("method"), result.get("rho"), result.get("sketch"), result.get("batch_size"),
-            result.get("seq_len"), result.get("dtype"), result.get("device"))
+def case_key(report: ProfileReport, result: ProfileResult) -> tuple:
+    model = result.model or (report.model or {}).get("name")
+    return (model, result.method, result.rho, result.sketch, result.batch_size, result.seq_len, result.dtype,
+            result.device)
 
 
 def describe_key(key: tuple) -> str:
-    from .profiling import method_label
-
     model, method, rho, sketch, batch, seq, dtype, device = key
     return f"{model} {method_label(method, rho, sketch)} b={batch} seq={seq} {dtype} {device}"
 
@@ -88,7 +50,7 @@ class MetricChange:
     def delta_pct(self) -> float | None:
         return None if not self.baseline else 100 * self.delta / self.baseline
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"case": self.case, "metric": self.metric, "baseline": self.baseline, "current": self.current,
                 "delta": self.delta, "delta_pct": self.delta_pct, "limit": self.limit, "status": self.status}
 
@@ -112,65 +74,65 @@ class CheckResult:
     def exit_code(self) -> int:
         return 1 if self.regressions else 0
 
-    def as_dict(self) -> dict:
-        return {"schema": "randbp.check/1", "passed": not self.regressions, "matched_cases": self.matched,
+    def to_dict(self) -> dict:
+        """The `randbp.check/1` report."""
+        return {"schema": CHECK_SCHEMA, "passed": not self.regressions, "matched_cases": self.matched,
                 "regressions": len(self.regressions), "improvements": len(self.improvements),
                 "new_cases": self.new_cases, "warnings": self.warnings,
-                "changes": [c.as_dict() for c in self.changes]}
+                "changes": [c.to_dict() for c in self.changes]}
 
 
-def _get(result: dict, path: str):
-    value = result
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
+def _nested(name: str, key: str) -> Callable[[ProfileResult], float | None]:
+    def get(result: ProfileResult):
+        block = getattr(result, name)
+        return block.get(key) if isinstance(block, dict) else None
+    return get
 
 
-# (where in a result, the name shown, which tolerance gates it; None: informational)
+# (how to read it from a result, the name shown, which tolerance gates it; None: informational)
 _METRICS = [
-    ("activation_bytes", "activation_bytes", "activation"),
-    ("cuda.peak_allocated_bytes", "cuda_peak_bytes", "peak"),
-    ("nvml.peak_used_bytes", "nvml_peak_bytes", None),
-    ("step_time_s.median", "step_time_s", "time"),
+    (lambda r: r.activation_bytes, "activation_bytes", "activation"),
+    (_nested("cuda", "peak_allocated_bytes"), "cuda_peak_bytes", "peak"),
+    (_nested("nvml", "peak_used_bytes"), "nvml_peak_bytes", None),
+    (_nested("step_time_s", "median"), "step_time_s", "time"),
 ]
 
 
-def environment_warnings(current: dict, baseline: dict) -> list[str]:
+def environment_warnings(current: ProfileReport, baseline: ProfileReport) -> list[str]:
     """Differences that change the numbers even when the code does not."""
     warnings = []
-    env_now, env_base = current.get("environment", {}), baseline.get("environment", {})
+    env_now, env_base = current.environment or {}, baseline.environment or {}
     for key, label in (("torch", "torch version"), ("device", "device type"), ("transformers", "transformers version")):
         if env_now.get(key) != env_base.get(key):
             warnings.append(f"{label} differs: baseline {env_base.get(key)!r}, now {env_now.get(key)!r}")
-    dtype_now = (current.get("config") or {}).get("dtype")
-    dtype_base = (baseline.get("config") or {}).get("dtype")
+    dtype_now = (current.config or {}).get("dtype")
+    dtype_base = (baseline.config or {}).get("dtype")
     if dtype_now != dtype_base:
         warnings.append(f"dtype differs: baseline {dtype_base!r}, now {dtype_now!r}")
     return warnings
 
 
-def compare_reports(current: dict, baseline: dict, *, tolerance_activation: float = 0.0,
+def compare_reports(current: ProfileReport, baseline: ProfileReport, *, tolerance_activation: float = 0.0,
                     tolerance_peak: float = 0.05, tolerance_time: float | None = None) -> CheckResult:
     """Case-by-case comparison; raises ReportError for usage problems (see module doc)."""
     tolerances = {"activation": tolerance_activation, "peak": tolerance_peak, "time": tolerance_time}
-    now = {case_key(current, r): r for r in current["results"]}
-    base = {case_key(baseline, r): r for r in baseline["results"]}
+    now = {case_key(current, r): r for r in current.results}
+    base = {case_key(baseline, r): r for r in baseline.results}
     common = [k for k in base if k in now]
     if not common:
         raise ReportError("the reports have no case in common (model, method, ρ, sketch, batch, seq, dtype, "
                           "device): profile the baseline's configuration, or --update the baseline on purpose")
     missing = [k for k in base if k not in now]
     if missing:
-        shown = "; ".join(describe_key(k) for k in missing[:3]) + (f"; ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        shown = "; ".join(describe_key(k) for k in missing[:3])
+        shown += f"; ... ({len(missing)} in all)" if len(missing) > 3 else ""
         raise ReportError(f"the current report lacks baseline case(s): {shown}; profile the same configuration, "
                           "or --update the baseline on purpose")
     result = CheckResult(matched=len(common), new_cases=[describe_key(k) for k in now if k not in base],
                          warnings=environment_warnings(current, baseline))
     for key in common:
-        for path, metric, tolerance_name in _METRICS:
-            old, new = _get(base[key], path), _get(now[key], path)
+        for read, metric, tolerance_name in _METRICS:
+            old, new = read(base[key]), read(now[key])
             if old is None or new is None:
                 continue
             tolerance = tolerances.get(tolerance_name) if tolerance_name else None
@@ -188,16 +150,8 @@ def compare_reports(current: dict, baseline: dict, *, tolerance_activation: floa
     return result
 
 
-def check_files(current_path: str | Path, baseline_path: str | Path, **tolerances) -> CheckResult:
-    current = load_report(current_path, PROFILE_SCHEMA)
-    baseline = load_report(baseline_path, PROFILE_SCHEMA)
-    return compare_reports(current, baseline, **tolerances)
-
-
 def parse_tolerance(text: str | None, option: str) -> float | None:
     """'5%' -> 0.05, '0.05' -> 0.05; None stays None."""
-    from .errors import ConfigError
-
     if text is None:
         return None
     raw = text.strip()

@@ -1,7 +1,8 @@
 """Several processes (torchrun + DistributedDataParallel): setup and the few collectives we need.
 
 `torchrun --nproc-per-node N -m randbp_cli finetune ...` starts N copies of the command; the CLI
-reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK) and calls `init_distributed`.
+reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE) and calls
+`init_distributed` with the device `--device` resolved to.
 NCCL on GPUs, gloo on CPUs, chosen automatically. Everything here is a no-op for one process.
 
 Randomness across ranks: model initialisation and data order come from `--seed` alone, so
@@ -16,15 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, DeviceError, RandbpError
+from .devices import resolve_device
+from .errors import ConfigError, DeviceError, DistributedError
 
 BACKENDS = ("auto", "nccl", "gloo")
-
-
-class DistributedError(RandbpError):
-    """The process group could not be set up (exit code 1)."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -54,29 +50,30 @@ SINGLE = Distributed()
 
 
 def init_distributed(world_size: int, rank: int, local_rank: int, backend: str = "auto",
-                     device: str = "auto", local_world_size: int | None = None) -> tuple[Distributed, torch.device | None]:
-    """Join torchrun's process group. Returns the context and the device this rank must use
-    (None: let the caller resolve `device` as usual, for one process). Every check that can
-    fail runs on every rank before the group is joined, so rank 0 reports it and none hangs."""
+                     device: torch.device | None = None,
+                     local_world_size: int | None = None) -> tuple[Distributed, torch.device]:
+    """Join torchrun's process group. Returns the context and the device this rank runs on:
+    `device` itself for one process; with several, cuda:LOCAL_RANK when `device` is a CUDA
+    device (one process per GPU), else the CPU. `device` comes from `resolve_device` (the
+    default: `auto`). Every check that can fail runs on every rank before the group is
+    joined, so rank 0 reports it and none hangs."""
+    device = device or resolve_device("auto")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown --backend {backend!r}: choose auto, nccl or gloo")
     if world_size <= 1:
         if backend == "nccl" and not torch.cuda.is_available():
             raise ConfigError("--backend nccl needs GPUs, and this machine has no CUDA device; use --backend gloo")
-        return SINGLE, None
-    want_cuda = device != "cpu" and torch.cuda.is_available()
+        return SINGLE, device
     if backend == "auto":
-        backend = "nccl" if want_cuda else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise ConfigError("--backend nccl needs GPUs, and this machine has no CUDA device; use --backend gloo "
                               "(or auto) to train on CPUs")
-        if device == "cpu":
+        if device.type == "cpu":
             raise ConfigError("--backend nccl with --device cpu: NCCL only moves GPU tensors; use --backend gloo")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for but CUDA is not available on this machine; use --device cpu")
-    run_device = None
-    if want_cuda or device.startswith("cuda"):
+    run_device = torch.device("cpu")
+    if device.type == "cuda":
         per_node = max(local_world_size or 0, local_rank + 1)
         if per_node > torch.cuda.device_count():
             error = DeviceError(f"{per_node} processes on this node but {torch.cuda.device_count()} GPU(s): start at "
@@ -85,8 +82,6 @@ def init_distributed(world_size: int, rank: int, local_rank: int, backend: str =
             raise error
         torch.cuda.set_device(local_rank)
         run_device = torch.device("cuda", local_rank)
-    else:
-        run_device = torch.device("cpu")
     import torch.distributed as dist
 
     if not dist.is_available():

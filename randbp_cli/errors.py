@@ -47,3 +47,27 @@ class ReportWriteError(RandbpError):
     """Writing a report failed at the end of a run (disk full, I/O error): exit code 1."""
 
     exit_code = 1
+
+
+class DataError(RandbpError):
+    """Data that cannot be used as given (missing, unreadable, wrong columns, bad labels): exit 2."""
+
+    exit_code = 2
+
+
+class DataUnavailableError(RandbpError):
+    """No network and no local copy: exit 1, with how to supply the data."""
+
+    exit_code = 1
+
+
+class ReportError(RandbpError):
+    """A report that cannot be used: missing, not JSON, not randbp, wrong schema (exit 2)."""
+
+    exit_code = 2
+
+
+class DistributedError(RandbpError):
+    """The process group could not be set up (exit code 1)."""
+
+    exit_code = 1

@@ -9,12 +9,17 @@
      weights. Memory and time do not depend on weight values, and the result says which
      weights it was (`weights`: "pretrained" or "random-init") and why.
 Anything else is a `ModelNotFoundError` that says how to supply the model.
+
+`save_model` is the way back out: a fine-tuned model as a safetensors checkpoint, with plain
+`nn.Linear` layers again, written to a temp directory and renamed into place.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,7 +27,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelNotFoundError
+from .convert import restore
+from .errors import ConfigError, ModelNotFoundError, OutputError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -179,8 +185,35 @@ def max_sequence_length(model: nn.Module) -> int:
     return positions
 
 
-def builtin_config(name: str) -> dict:
-    path = builtin_config_path(name)
-    if path is None:
-        raise ModelNotFoundError(f"no built-in config {name!r}: choose one of {', '.join(builtin_models())}")
-    return json.loads(path.read_text())
+# ---------------------------------------------------------------------------- saving
+
+
+def check_save_dir(directory: Path) -> None:
+    """Fail before training if --save-model cannot be written."""
+    parent = directory.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot save the model to {str(directory)!r}: {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot save the model to {str(directory)!r}: permission denied")
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"cannot save the model to {str(directory)!r}: it is a file")
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """safetensors checkpoint (plain nn.Linear again), written to a temp dir then renamed."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        restore(model).save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = None
+        if directory.exists():  # moved aside, not deleted, until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            directory.rename(old / directory.name)
+        tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,7 +1,12 @@
-"""Reports: the environment block, atomic JSON files, and the rich tables the CLI prints.
+"""Reports: the typed report objects, their JSON files, and the environment every report records.
 
-Serialisation and rendering live here, apart from the measurements; every report carries a
-`schema` with a version, the environment and the config, and keeps units in key names.
+Every report is a dataclass whose `to_dict()` is exactly its JSON document: a `schema` with a
+version first, then the environment, the config and the measurements, with units in the key
+names. `load_report` is the one place a report file is read back (`randbp check`, `randbp
+report`): it checks the schema and returns the typed object. Keys a report has and this
+version does not know are kept (`extra`) and written back as they were.
+
+Rendering (tables, Markdown, plots) lives in render.py; nothing here imports a UI library.
 """
 
 from __future__ import annotations
@@ -12,14 +17,262 @@ import platform
 import subprocess
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from rich.table import Table
 
-from .errors import OutputError, ReportWriteError
+from .errors import ConfigError, OutputError, ReportError, ReportWriteError
 
-MiB = 1 << 20
+PROFILE_SCHEMA = "randbp.profile/1"
+FINETUNE_SCHEMA = "randbp.finetune/1"
+VARIANCE_SCHEMA = "randbp.variance/1"
+CHECK_SCHEMA = "randbp.check/1"
+
+
+# ---------------------------------------------------------------------------- typed reports
+
+
+@dataclass(kw_only=True)
+class Record:
+    """A dataclass that is exactly one JSON object: its fields in order, then the unknown keys."""
+
+    extra: dict = field(default_factory=dict, repr=False)  # keys this version does not know, kept as read
+    missing: frozenset[str] = field(default=frozenset(), repr=False)  # fields an older report read lacked
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()  # keys a report leaves out rather than null
+    ROWS: ClassVar[dict[str, type[Record]]] = {}  # list fields whose items are records themselves
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            left_out = f.name in self.missing or (value is None and f.name in self.OMIT_IF_NONE)
+            if f.name in ("extra", "missing") or left_out:
+                continue
+            out[f.name] = [row.to_dict() for row in value] if f.name in self.ROWS else value
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The record of a JSON object: what a report read back holds is written back unchanged."""
+        names = {f.name for f in fields(cls)} - {"extra", "missing"}
+        known = {key: value for key, value in data.items() if key in names}
+        for name, row in cls.ROWS.items():
+            if isinstance(known.get(name), list):
+                known[name] = [row.from_dict(item) if isinstance(item, dict) else item for item in known[name]]
+        return cls(**known, extra={key: value for key, value in data.items() if key not in names},
+                   missing=frozenset(names - known.keys()))
+
+
+@dataclass(kw_only=True)
+class Report(Record):
+    """A whole report: `SCHEMA` first in its JSON, `command` (the command line) last when set."""
+
+    SCHEMA: ClassVar[str] = ""
+    KIND: ClassVar[str] = ""  # profile, finetune, variance
+    MAIN: ClassVar[str] = ""  # the list a report of this kind cannot be without
+
+    def to_dict(self) -> dict:
+        return {"schema": self.SCHEMA, **super().to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return super().from_dict({key: value for key, value in data.items() if key != "schema"})
+
+
+@dataclass(kw_only=True)
+class ProfileResult(Record):
+    """One profiled case: one method at one batch size (bytes, times, and how they compare to exact)."""
+
+    model: str | None = None
+    method: str | None = None
+    rho: float | None = None
+    sketch: str | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    tokens: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    activation_bytes: int | None = None  # saved for backward by one forward (parameters and inputs excluded)
+    activation_bytes_by_kind: dict | None = None
+    activation_bytes_by_module: dict | None = None
+    saved_storages: int | None = None
+    checkpointing: dict | None = None  # checkpointed cases: units and the largest recompute
+    activation_peak_bytes: int | None = None  # stored bytes plus the largest recompute
+    randomized_layers: int | None = None
+    cuda: dict | None = None  # allocator phases of one step, on CUDA only
+    nvml: dict | None = None  # the device's own memory counter, on CUDA only
+    step_time_s: dict | None = None  # median, min, max and the samples
+    budget: dict | None = None  # with --budget-mib: the largest batch that fits
+    activation_saving_vs_exact: float | None = None
+    activation_peak_saving_vs_exact: float | None = None
+    activation_limit_bytes: float | None = None  # the most sketching could save (exact and randomized only)
+    time_ratio_vs_exact: float | None = None
+    contributions: dict | None = None  # checkpoint+randomized: what each part saved
+
+    OMIT_IF_NONE = frozenset({"checkpointing", "budget", "activation_limit_bytes", "contributions"})
+
+
+@dataclass(kw_only=True)
+class ProfileReport(Report):
+    environment: dict | None = None
+    config: dict | None = None
+    model: dict | None = None
+    results: list[ProfileResult] = field(default_factory=list)
+    command: str | None = None
+
+    SCHEMA, KIND, MAIN = PROFILE_SCHEMA, "profile", "results"
+    ROWS = {"results": ProfileResult}
+    OMIT_IF_NONE = frozenset({"command"})
+
+
+@dataclass(kw_only=True)
+class FinetuneRun(Record):
+    """One fine-tuning run: per-epoch losses and metrics, memory, time, the best and last epoch."""
+
+    name: str | None = None
+    method: str | None = None
+    rho: float | None = None
+    sketch: str | None = None
+    checkpointing: bool | None = None
+    status: str | None = None  # completed or interrupted
+    converted_layers: dict | None = None
+    hyperparameters: dict | None = None
+    epochs: list[dict] = field(default_factory=list)
+    memory: dict | None = None
+    distributed: dict | None = None  # several ranks: every rank's memory and time
+    time: dict | None = None
+    metric: str | None = None
+    best: dict | None = None
+    last: dict | None = None
+    saved_to: str | None = None
+    save_error: str | None = None
+    vs_exact: dict | None = None  # ratios to the exact run, when there is one
+
+    OMIT_IF_NONE = frozenset({"distributed", "saved_to", "save_error", "vs_exact"})
+
+
+@dataclass(kw_only=True)
+class FinetuneReport(Report):
+    status: str | None = None
+    environment: dict | None = None
+    distributed: dict | None = None
+    config: dict | None = None
+    task: dict | None = None
+    model: dict | None = None
+    runs: list[FinetuneRun] = field(default_factory=list)
+    command: str | None = None
+
+    SCHEMA, KIND, MAIN = FINETUNE_SCHEMA, "finetune", "runs"
+    ROWS = {"runs": FinetuneRun}
+    OMIT_IF_NONE = frozenset({"command"})
+
+
+@dataclass(kw_only=True)
+class VarianceRecord(Record):
+    """One (step, layer, sketch) measurement: α, D²_SGD, D²_RMM measured and in closed form, the ratio."""
+
+    layer: str | None = None
+    step: int | None = None
+    sketch: str | None = None
+    rho: float | None = None
+    k: int | None = None
+    rows: int | None = None
+    grad_norm: float | None = None
+    alpha: float | None = None
+    d2_sgd: float | None = None
+    d2_rmm_measured: float | None = None
+    d2_rmm_se: float | None = None
+    d2_rmm_theory: float | None = None
+    ratio: float | None = None
+    ratio_theory: float | None = None
+    bound: float | None = None
+
+
+@dataclass(kw_only=True)
+class VarianceSummary(Record):
+    """How the ratio behaved over the measured steps, per (layer, sketch)."""
+
+    layer: str | None = None
+    sketch: str | None = None
+    steps: int | None = None
+    ratio_mean: float | None = None
+    ratio_min: float | None = None
+    ratio_max: float | None = None
+    bound_mean: float | None = None
+    alpha_mean: float | None = None
+    within_bound: bool | None = None
+
+
+@dataclass(kw_only=True)
+class VarianceReport(Report):
+    status: str | None = None
+    environment: dict | None = None
+    config: dict | None = None
+    task: dict | None = None
+    model: dict | None = None
+    layers: list[str] = field(default_factory=list)
+    train_loss: dict | None = None  # step -> loss on the measured steps
+    records: list[VarianceRecord] = field(default_factory=list)
+    summary: list[VarianceSummary] = field(default_factory=list)
+    command: str | None = None
+
+    SCHEMA, KIND, MAIN = VARIANCE_SCHEMA, "variance", "records"
+    ROWS = {"records": VarianceRecord, "summary": VarianceSummary}
+    OMIT_IF_NONE = frozenset({"command"})
+
+
+REPORTS: dict[str, type[Report]] = {cls.SCHEMA: cls for cls in (ProfileReport, FinetuneReport, VarianceReport)}
+
+
+def load_report(path: str | Path, expect: str | None = None) -> Report:
+    """Read a randbp JSON report; `expect` = the schema it must have (name and version)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ReportError(f"report {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"cannot read report {str(path)!r}: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); "
+                          "is it a complete randbp report?") from None
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if not isinstance(schema, str) or not schema.startswith("randbp."):
+        raise ReportError(f"{str(path)!r} is not a randbp report (no randbp 'schema' key)")
+    if schema not in REPORTS:
+        raise ReportError(f"{str(path)!r} has schema {schema!r}, which this randbp does not read "
+                          f"(it reads {', '.join(REPORTS)})")
+    if expect is not None and schema != expect:
+        raise ReportError(f"{str(path)!r} is a {schema} report; expected {expect}")
+    kind = REPORTS[schema]
+    if not isinstance(data.get(kind.MAIN), list):
+        raise ReportError(f"{str(path)!r} is a {schema} report without its {kind.MAIN!r} list: corrupt or truncated")
+    return kind.from_dict(data)
+
+
+def one_kind(reports: list[Report]) -> str:
+    """The kind all `reports` share (a ConfigError when they mix kinds)."""
+    kinds = {report.KIND for report in reports}
+    if len(kinds) > 1:
+        raise ConfigError(f"cannot merge reports of different kinds ({', '.join(sorted(kinds))}): "
+                          "render each kind separately")
+    return kinds.pop()
+
+
+def merge_profiles(reports: list[ProfileReport]) -> ProfileReport:
+    """Several profile reports as one comparison (results concatenated, model names joined)."""
+    if len(reports) == 1:
+        return reports[0]
+    names = list(dict.fromkeys((report.model or {}).get("name", "?") for report in reports))
+    return replace(reports[0], results=[r for report in reports for r in report.results],
+                   model={**(reports[0].model or {}), "name": ", ".join(names)})
+
+
+# ---------------------------------------------------------------------------- environment and files
 
 
 def _cpu_name() -> str:
@@ -136,246 +389,3 @@ def _json_default(value):
 
 def to_json(data: dict) -> str:
     return json.dumps(data, indent=2, default=_json_default)
-
-
-# ---------------------------------------------------------------------------- tables
-
-
-def _mib(value: float | None) -> str:
-    return "—" if value is None else f"{value / MiB:,.1f}"
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:+.1f}%"
-
-
-def profile_table(report: dict) -> Table:
-    """The `randbp profile` table: one row per case, savings and ratios vs exact."""
-    results = report["results"]
-    model = report.get("model", {})
-    show_cuda = any(r.get("cuda") for r in results)
-    show_nvml = any((r.get("nvml") or {}).get("available") for r in results)
-    show_peak = any(r.get("checkpointing") for r in results)
-    show_budget = any(r.get("budget") for r in results)
-    title = f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
-    table = Table(title=title, caption=_profile_caption(report), title_justify="left")
-    for column, justify in [("method", "left"), ("ρ", "right"), ("sketch", "left"), ("batch", "right"),
-                            ("seq", "right"), ("activations MiB", "right"), ("vs exact", "right")]:
-        table.add_column(column, justify=justify, no_wrap=True)
-    if show_peak:
-        table.add_column("act. peak MiB", justify="right", no_wrap=True)
-    if show_cuda:
-        table.add_column("CUDA peak MiB", justify="right", no_wrap=True)
-    if show_nvml:
-        table.add_column("NVML peak MiB", justify="right", no_wrap=True)
-    table.add_column("step ms", justify="right", no_wrap=True)
-    table.add_column("time × exact", justify="right", no_wrap=True)
-    if show_budget:
-        budget = next(r["budget"] for r in results if r.get("budget"))
-        table.add_column(f"max batch ≤ {budget['budget_bytes'] / MiB:g} MiB", justify="right", no_wrap=True)
-    for r in results:
-        saving = r.get("activation_saving_vs_exact")
-        row = [r["method"], "—" if r["rho"] is None else f"{r['rho']:g}", r.get("sketch") or "—",
-               str(r["batch_size"]), str(r["seq_len"]), _mib(r["activation_bytes"]),
-               "baseline" if r["method"] == "exact" else ("—" if saving is None else f"{-100 * saving:+.1f}%")]
-        if show_peak:
-            row.append(_mib(r.get("activation_peak_bytes", r["activation_bytes"])))
-        if show_cuda:
-            row.append(_mib((r.get("cuda") or {}).get("peak_allocated_bytes")))
-        if show_nvml:
-            row.append(_mib((r.get("nvml") or {}).get("peak_used_bytes")))
-        median = (r.get("step_time_s") or {}).get("median")
-        ratio = r.get("time_ratio_vs_exact")
-        row += ["—" if median is None else f"{1000 * median:,.1f}", "—" if ratio is None else f"{ratio:.2f}×"]
-        if show_budget:
-            found = r.get("budget")
-            row.append("" if not found else f"{found['max_batch_size']}{'+' if found['capped'] else ''}")
-        table.add_row(*row, style="bold" if r["method"] == "exact" else None)
-    return table
-
-
-def _profile_caption(report: dict) -> str:
-    config, env = report.get("config", {}), report.get("environment", {})
-    parts = [f"device {config.get('device', '?')} ({env.get('device_name', '?')})",
-             f"dtype {config.get('dtype', '?')}",
-             f"median of {config.get('steps', '?')} steps after {config.get('warmup', '?')} warm-up"]
-    nvml = env.get("nvml") or {}
-    if config.get("device", "cpu").startswith("cuda") and not nvml.get("available"):
-        parts.append(f"NVML unavailable: {nvml.get('reason', 'unknown')}")
-    return "; ".join(parts)
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def finetune_table(report: dict) -> Table:
-    """The paper's kind of table: task metric, activation MiB, peak MiB, time/step, ratio to exact."""
-    task = report.get("task", {})
-    model = report.get("model", {})
-    runs = report["runs"]
-    metric = runs[0]["metric"] if runs else "metric"
-    title = (f"randbp finetune: {task.get('task', '?')} on {model.get('name', '?')} "
-             f"({model.get('weights', '?')} weights), status {report.get('status', '?')}")
-    table = Table(title=title, title_justify="left")
-    show_cuda = any((r["memory"].get("cuda") or {}) for r in runs)
-    columns = ["run", "ρ", f"best {metric}", "epoch", f"last {metric}", "activations MiB", "vs exact"]
-    if show_cuda:
-        columns += ["CUDA peak MiB"]
-    columns += ["s/step", "tokens/s", "time × exact"]
-    for column in columns:
-        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
-    for r in runs:
-        vs = r.get("vs_exact", {})
-        best, last = r.get("best") or {}, r.get("last") or {}
-        row = [r["name"] + (" (interrupted)" if r["status"] == "interrupted" else ""),
-               "—" if r["rho"] is None else f"{r['rho']:g}",
-               _fmt(best.get("value")), _fmt(best.get("epoch")), _fmt(last.get("value")),
-               _mib(r["memory"].get("activation_bytes")),
-               "baseline" if r["method"] == "exact" else _pct(None if "activation_bytes" not in vs
-                                                              else vs["activation_bytes"] - 1)]
-        if show_cuda:
-            row.append(_mib((r["memory"].get("cuda") or {}).get("peak_allocated_bytes")))
-        step_time = r["time"].get("step_time_s")
-        tokens_per_s = r["time"].get("tokens_per_s")
-        row += [_fmt(step_time, 3), "—" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
-                "—" if "step_time" not in vs else f"{vs['step_time']:.2f}×"]
-        table.add_row(*row, style="bold" if r["method"] == "exact" else None)
-    return table
-
-
-def epoch_table(run: dict) -> Table:
-    """One run's epochs: train loss and every evaluation metric per split."""
-    table = Table(title=f"{run['name']}: per epoch", title_justify="left")
-    splits_metrics: list[tuple[str, str]] = []
-    for entry in run["epochs"]:
-        for split, metrics in (entry.get("eval") or {}).items():
-            for name in metrics:
-                if (split, name) not in splits_metrics:
-                    splits_metrics.append((split, name))
-    several = len({s for s, _ in splits_metrics}) > 1
-    for column in ["epoch", "steps", "train loss", *[f"{s}:{m}" if several else m for s, m in splits_metrics],
-                   "train s"]:
-        table.add_column(column, justify="right", no_wrap=True)
-    for entry in run["epochs"]:
-        evals = entry.get("eval") or {}
-        table.add_row(str(entry["epoch"]) + (" (partial)" if entry.get("partial") else ""), str(entry["steps"]),
-                      _fmt(entry["train_loss"]),
-                      *[_fmt((evals.get(s) or {}).get(m)) for s, m in splits_metrics],
-                      _fmt(entry.get("train_time_s"), 1))
-    return table
-
-
-def _sci(value) -> str:
-    return "—" if value is None else f"{value:.3g}"
-
-
-def variance_table(report: dict, max_rows: int = 40) -> Table:
-    """Every (step, layer, sketch) record, or, for long runs, the per-(layer, sketch) summary."""
-    config = report.get("config", {})
-    records = report["records"]
-    title = (f"randbp variance: {config.get('task', '?')} on {config.get('model', '?')}, ρ = {config.get('rho', '?')}, "
-             f"{config.get('repeats', '?')} repeats")
-    table = Table(title=title, title_justify="left",
-                  caption="ratio = (k/(B−1))·D²_RMM/D²_SGD (measured); bound = (α+1)/α (paper, Theorem 1)")
-    if len(records) <= max_rows:
-        for column in ["step", "layer", "sketch", "k / B", "α", "D²_SGD", "D²_RMM measured ± se",
-                       "D²_RMM theory", "ratio", "bound"]:
-            table.add_column(column, justify="left" if column in ("layer", "sketch") else "right", no_wrap=True)
-        for r in records:
-            table.add_row(str(r["step"]), r["layer"], r["sketch"], f"{r['k']} / {r['rows']}", f"{r['alpha']:.4f}",
-                          _sci(r["d2_sgd"]), f"{r['d2_rmm_measured']:.3g} ± {r['d2_rmm_se']:.2g}",
-                          _sci(r["d2_rmm_theory"]), _fmt(r["ratio"], 3), _fmt(r["bound"], 3))
-    else:
-        for column in ["layer", "sketch", "steps", "mean α", "ratio mean", "ratio min–max", "mean bound",
-                       "within bound"]:
-            table.add_column(column, justify="left" if column in ("layer", "sketch") else "right", no_wrap=True)
-        for s in report["summary"]:
-            table.add_row(s["layer"], s["sketch"], str(s["steps"]), f"{s['alpha_mean']:.4f}", _fmt(s["ratio_mean"], 3),
-                          f"{_fmt(s['ratio_min'], 3)}–{_fmt(s['ratio_max'], 3)}", _fmt(s["bound_mean"], 3),
-                          "yes" if s["within_bound"] else "no")
-    return table
-
-
-# ---------------------------------------------------------------------------- any report
-
-
-def report_kind(report: dict) -> str:
-    """'profile', 'finetune' or 'variance' from the schema."""
-    return report["schema"].removeprefix("randbp.").split("/")[0]
-
-
-def merge_profiles(reports: list[dict]) -> dict:
-    """Several profile reports as one comparison (results concatenated, each tagged with its file)."""
-    if len(reports) == 1:
-        return reports[0]
-    merged = dict(reports[0])
-    merged["results"] = [r for report in reports for r in report["results"]]
-    names = list(dict.fromkeys((rep.get("model") or {}).get("name", "?") for rep in reports))
-    merged["model"] = {**(reports[0].get("model") or {}), "name": ", ".join(names)}
-    return merged
-
-
-def tables_for(reports: list[dict]) -> list[Table]:
-    """The same rich tables the commands print, for reports of one kind (profiles merged)."""
-    kinds = {report_kind(r) for r in reports}
-    if len(kinds) > 1:
-        from .errors import ConfigError
-
-        raise ConfigError(f"cannot merge reports of different kinds ({', '.join(sorted(kinds))}): "
-                          "render each kind separately")
-    kind = kinds.pop()
-    if kind == "profile":
-        return [profile_table(merge_profiles(reports))]
-    if kind == "finetune":
-        tables = []
-        for report in reports:
-            tables += [epoch_table(run) for run in report["runs"]] + [finetune_table(report)]
-        return tables
-    return [variance_table(report) for report in reports]
-
-
-def table_to_markdown(table: Table) -> str:
-    """A GitHub-flavoured Markdown table with the rich table's headers and cells."""
-
-    def clean(cell) -> str:
-        return str(cell).replace("|", "\\|").replace("\n", " ")
-
-    headers = [clean(c.header) for c in table.columns]
-    align = ["---:" if c.justify == "right" else "---" for c in table.columns]
-    rows = list(zip(*[[clean(cell) for cell in c.cells] for c in table.columns]))
-    lines = [f"| {' | '.join(headers)} |", f"| {' | '.join(align)} |"]
-    lines += [f"| {' | '.join(row)} |" for row in rows]
-    title = f"**{table.title}**\n\n" if table.title else ""
-    caption = f"\n\n_{table.caption}_" if table.caption else ""
-    return title + "\n".join(lines) + caption
-
-
-def check_table(result, show_all: bool = False) -> Table:
-    """Every metric that moved (or all with `show_all`): baseline, now, delta, delta %, limit."""
-    table = Table(title=f"randbp check: {result.matched} case(s) compared", title_justify="left")
-    for column in ["case", "metric", "baseline", "now", "delta", "delta %", "limit", "status"]:
-        table.add_column(column, justify="left" if column in ("case", "metric", "status") else "right", no_wrap=True)
-
-    def value(metric: str, number) -> str:
-        if number is None:
-            return "—"
-        return f"{number * 1000:,.1f} ms" if metric == "step_time_s" else f"{number:,.0f} B"
-
-    for change in result.changes:
-        moved = change.current != change.baseline
-        if not (show_all or change.status in ("regressed", "improved") or (change.status == "info" and moved
-                                                                            and change.metric != "step_time_s")):
-            continue
-        pct = change.delta_pct
-        style = {"regressed": "bold red", "improved": "green"}.get(change.status)
-        table.add_row(change.case, change.metric, value(change.metric, change.baseline),
-                      value(change.metric, change.current),
-                      ("+" if change.delta > 0 else "") + value(change.metric, change.delta),
-                      "—" if pct is None else f"{pct:+.2f}%", value(change.metric, change.limit), change.status,
-                      style=style)
-    return table

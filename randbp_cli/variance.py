@@ -1,4 +1,4 @@
-"""How much noise randomized backprop adds, next to the noise SGD already has (METHOD §2–3).
+"""How much noise randomized backprop adds, next to the noise SGD already has (docs/method.md §2–3).
 
 For one linear layer on one batch, X (B × d_in) is its input and Y = ∂L/∂out (B × d_out), with
 B the number of rows the layer sees (all leading dims flattened: tokens, padding included, as
@@ -14,6 +14,8 @@ G = YᵀX (the transpose of XᵀY; the same norm). We report
 
 `capture_linear_io` records X and Y of chosen layers for one forward/backward only, so the
 measurement costs memory only on measured steps and only for the layers asked for.
+`measure_variance(plan)` is `randbp variance`: it trains through the engine (exactly, or
+randomized with `--train-rho`) and measures every `--every` steps.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from .convert import name_matches
+from .data import load_model_and_task
+from .engine import Engine, TrainCallbacks
 from .errors import ConfigError
 from .layers import draw_seed
+from .plans import VarianceConfig, VariancePlan
+from .report import VarianceRecord, VarianceReport, VarianceSummary, environment
 from .sketches import Sketch, get_sketch, sketch_rows
-
-SCHEMA = "randbp.variance/1"
 
 
 @dataclass
@@ -43,7 +47,7 @@ class GradientStats:
 
 
 def gradient_stats(x: Tensor, y: Tensor) -> GradientStats:
-    """‖XᵀY‖, α and D²_SGD in float64 (METHOD §3)."""
+    """‖XᵀY‖, α and D²_SGD in float64 (docs/method.md §3)."""
     x = x.reshape(-1, x.shape[-1]).double()
     y = y.reshape(-1, y.shape[-1]).double()
     rows = x.shape[0]
@@ -55,17 +59,6 @@ def gradient_stats(x: Tensor, y: Tensor) -> GradientStats:
     alpha = grad_sq / (x_sq * y_sq) if x_sq * y_sq > 0 else 0.0
     d2_sgd = (rows * float((row_x * row_y).sum()) - grad_sq) / (rows - 1)
     return GradientStats(rows, math.sqrt(grad_sq), alpha, d2_sgd)
-
-
-def d2_sgd_brute_force(x: Tensor, y: Tensor) -> float:
-    """D²_SGD straight from its definition, for tests: B² · Var of the per-row gradients gᵢ = yᵢxᵢᵀ
-    around their mean, with the unbiased (B − 1) normaliser: Σᵢ‖B·gᵢ − G‖² / (B − 1) / B."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    y = y.reshape(-1, y.shape[-1]).double()
-    rows = x.shape[0]
-    per_row = torch.einsum("bi,bj->bij", y, x)  # (B, d_out, d_in)
-    total = per_row.sum(0)
-    return float((rows * per_row - total).square().sum() / (rows - 1) / rows)
 
 
 def measure_rmm_variance(x: Tensor, y: Tensor, sketch: str | Sketch, k: int, repeats: int,
@@ -91,7 +84,7 @@ def measure_rmm_variance(x: Tensor, y: Tensor, sketch: str | Sketch, k: int, rep
 
 
 def variance_record(x: Tensor, y: Tensor, *, layer: str, step: int, sketch: str | Sketch, rho: float,
-                    repeats: int, min_rows: int = 1, seed: int | None = None) -> dict:
+                    repeats: int, min_rows: int = 1, seed: int | None = None) -> VarianceRecord:
     """One (step, layer, sketch) record of the `randbp.variance/1` report."""
     sketch = get_sketch(sketch)
     stats = gradient_stats(x, y)
@@ -99,14 +92,14 @@ def variance_record(x: Tensor, y: Tensor, *, layer: str, step: int, sketch: str 
     measured, se = measure_rmm_variance(x, y, sketch, k, repeats, seed)
     theory = sketch.variance(x, y, k)
     scale = k / (stats.rows - 1)
-    return {
-        "layer": layer, "step": step, "sketch": sketch.name, "rho": rho, "k": k, "rows": stats.rows,
-        "grad_norm": stats.grad_norm, "alpha": stats.alpha, "d2_sgd": stats.d2_sgd,
-        "d2_rmm_measured": measured, "d2_rmm_se": se, "d2_rmm_theory": theory,
-        "ratio": scale * measured / stats.d2_sgd if stats.d2_sgd > 0 else None,
-        "ratio_theory": scale * theory / stats.d2_sgd if stats.d2_sgd > 0 else None,
-        "bound": (stats.alpha + 1) / stats.alpha if stats.alpha > 0 else None,
-    }
+    return VarianceRecord(
+        layer=layer, step=step, sketch=sketch.name, rho=rho, k=k, rows=stats.rows,
+        grad_norm=stats.grad_norm, alpha=stats.alpha, d2_sgd=stats.d2_sgd,
+        d2_rmm_measured=measured, d2_rmm_se=se, d2_rmm_theory=theory,
+        ratio=scale * measured / stats.d2_sgd if stats.d2_sgd > 0 else None,
+        ratio_theory=scale * theory / stats.d2_sgd if stats.d2_sgd > 0 else None,
+        bound=(stats.alpha + 1) / stats.alpha if stats.alpha > 0 else None,
+    )
 
 
 # ---------------------------------------------------------------------------- capture
@@ -149,45 +142,33 @@ def capture_linear_io(model: nn.Module, layers: Iterable[str]):
 # ---------------------------------------------------------------------------- the command
 
 
-def run_variance(config, callbacks=None) -> dict:
-    """Measure every selected layer × sketch on real batches, optionally while fine-tuning.
+def _measure_step(plan: VariancePlan, engine: Engine, batch: dict, step: int,
+                  layers: list[str]) -> tuple[Tensor, list[VarianceRecord]]:
+    """A training forward and backward with every selected layer's X and Y captured and measured."""
+    config = plan.config
+    with capture_linear_io(engine.model, layers) as captured:
+        loss = engine.forward(batch)
+        engine.backward(loss)
+    records = []
+    for layer_index, name in enumerate(layers):
+        x, y = captured.get(name, (None, None))
+        if y is None:  # the layer did not run, does not reach the loss, or its weight is frozen
+            continue
+        for sketch_index, sketch in enumerate(plan.sketches):
+            # its own seed stream: measuring never touches the RNG training draws from
+            stream = ((config.seed * 1_000_003 + step) * 10_007 + layer_index) * 101 + sketch_index
+            records.append(variance_record(x, y, layer=name, step=step, sketch=sketch, rho=plan.rho,
+                                           repeats=config.repeats, seed=stream))
+    return loss, records
 
-    `config` is a `VarianceConfig` (train.py): the data and model options of `finetune`, plus
-    the measurement's `sketches`, `rho`, `repeats`, `layers`, `steps`, `every`, `train_rho`.
-    """
-    from dataclasses import asdict
 
-    from torch.utils.data import DataLoader
-    from transformers import get_linear_schedule_with_warmup
-
-    from .convert import convert
-    from .report import environment
-    from .train import TrainCallbacks, make_optimizer, prepare
-
-    callbacks = callbacks or TrainCallbacks()
-    config.validate()
-    prepared = prepare(config)
-    device, spec = prepared.device, prepared.data.spec
-    model = prepared.loaded.model.to(device)
-    model.train()
-    if config.train_rho is not None:
-        model = convert(model, config.train_rho, sketch=config.sketch, include=config.include,
-                        exclude=config.exclude)
-    layers = select_layers(model, config.layers)
-    batch_size = config.batch_size or spec.batch_size
-    lr = config.lr or spec.lr
-    loader = DataLoader(prepared.train_set, batch_size=batch_size, shuffle=True, collate_fn=prepared.collator,
-                        generator=torch.Generator().manual_seed(config.seed))
-    optimizer = make_optimizer(model, config, lr)
-    total = max(config.steps, 1)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total), total)
-    measured_steps = list(range(0, config.steps + 1, config.every))
-    if callbacks.on_run_start:
-        callbacks.on_run_start("variance", config.steps)
-
-    records: list[dict] = []
+def _train_and_measure(plan: VariancePlan, engine: Engine, loader, layers: list[str],
+                       callbacks: TrainCallbacks) -> tuple[list[VarianceRecord], dict[int, float], str]:
+    """`steps` training steps, measuring every `every` (the last one measured, not trained)."""
+    config = plan.config
+    measured_steps = set(range(0, config.steps + 1, config.every))
+    records: list[VarianceRecord] = []
     losses: dict[int, float] = {}
-    status = "completed"
     batches = iter(loader)
     torch.manual_seed(config.seed)
     for step in range(config.steps + 1):
@@ -196,66 +177,71 @@ def run_variance(config, callbacks=None) -> dict:
         except StopIteration:  # a new epoch, reshuffled
             batches = iter(loader)
             batch = next(batches)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = engine.to_device(batch)
         if step in measured_steps:
-            with capture_linear_io(model, layers) as captured:
-                loss = model(**batch).loss
-                loss.backward()
-            for layer_index, name in enumerate(layers):
-                x, y = captured.get(name, (None, None))
-                if y is None:  # the layer did not run, does not reach the loss, or its weight is frozen
-                    continue
-                for sketch_index, sketch in enumerate(config.sketches):
-                    # its own seed stream: measuring never touches the RNG training draws from
-                    stream = ((config.seed * 1_000_003 + step) * 10_007 + layer_index) * 101 + sketch_index
-                    records.append(variance_record(x, y, layer=name, step=step, sketch=sketch, rho=config.rho,
-                                                   repeats=config.repeats, seed=stream))
-            del captured
+            loss, measured = _measure_step(plan, engine, batch, step, layers)
+            records += measured
             losses[step] = loss.item()
         else:
-            loss = model(**batch).loss
-            loss.backward()
+            loss = engine.forward(batch)
+            engine.backward(loss)
         if step == config.steps:
             break
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.optimizer_step()
         if callbacks.on_step:
-            callbacks.on_step("variance", step + 1, loss.item(), scheduler.get_last_lr()[0])
+            callbacks.on_step("variance", step + 1, loss.item(), engine.scheduler.get_last_lr()[0])
         if callbacks.should_stop():
-            status = "interrupted"
-            break
-    return {
-        "schema": SCHEMA,
-        "status": status,
-        "environment": environment(device),
-        "config": {**asdict(config), "model": config.model_name(), "device": str(device), "batch_size": batch_size,
-                   "lr": lr},
-        "task": prepared.data.describe(),
-        "model": {**prepared.loaded.describe(), "tokenizer": prepared.tokenizer_info,
-                  "trained_with": "exact" if config.train_rho is None else
-                  f"{get_sketch(config.sketch).name} rho={config.train_rho:g}"},
-        "layers": layers,
-        "train_loss": {str(k): v for k, v in losses.items()},
-        "records": records,
-        "summary": summarize(records),
-    }
+            return records, losses, "interrupted"
+    return records, losses, "completed"
 
 
-def summarize(records: list[dict]) -> list[dict]:
+def measure_variance(plan: VariancePlan, callbacks: TrainCallbacks | None = None) -> VarianceReport:
+    """Measure every selected layer × sketch on real batches, optionally while fine-tuning."""
+    from torch.utils.data import DataLoader
+
+    callbacks = callbacks or TrainCallbacks()
+    config = plan.config
+    loaded, inputs = load_model_and_task(plan)
+    spec = inputs.data.spec
+    engine = Engine(loaded.model, plan.device, include=config.include, exclude=config.exclude,
+                    compile=plan.compile)
+    engine.apply(plan.train_method)
+    layers = select_layers(engine.model, config.layers)
+    batch_size, lr = config.batch_size or spec.batch_size, config.lr or spec.lr
+    loader = DataLoader(inputs.train_set, batch_size=batch_size, shuffle=True, collate_fn=inputs.collator,
+                        generator=torch.Generator().manual_seed(config.seed))
+    optimizer = plan.optimizer(engine.model.parameters(), lr)
+    engine.use_optimizer(optimizer, plan.scheduler(optimizer, max(config.steps, 1)))
+    if callbacks.on_run_start:
+        callbacks.on_run_start("variance", config.steps)
+    records, losses, status = _train_and_measure(plan, engine, loader, layers, callbacks)
+    return VarianceReport(
+        status=status, environment=environment(plan.device),
+        config=plan.config_record(batch_size=batch_size, lr=lr), task=inputs.data.describe(),
+        model={**loaded.describe(), "tokenizer": inputs.tokenizer_info, "trained_with": plan.train_method.label},
+        layers=layers, train_loss={str(k): v for k, v in losses.items()}, records=records,
+        summary=summarize(records))
+
+
+def run_variance(config: VarianceConfig, callbacks: TrainCallbacks | None = None) -> dict:
+    """`measure_variance(config.resolve())` as the JSON-ready report dict (for scripts)."""
+    return measure_variance(config.resolve(), callbacks).to_dict()
+
+
+def summarize(records: list[VarianceRecord]) -> list[VarianceSummary]:
     """Per (layer, sketch): how the ratio behaved over the measured steps."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str], list[VarianceRecord]] = {}
     for r in records:
-        groups.setdefault((r["layer"], r["sketch"]), []).append(r)
+        groups.setdefault((r.layer, r.sketch), []).append(r)
     out = []
     for (layer, sketch), rows in groups.items():
-        ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-        bounds = [r["bound"] for r in rows if r["bound"] is not None]
-        out.append({"layer": layer, "sketch": sketch, "steps": len(rows),
-                    "ratio_mean": sum(ratios) / len(ratios) if ratios else None,
-                    "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
-                    "bound_mean": sum(bounds) / len(bounds) if bounds else None,
-                    "alpha_mean": sum(r["alpha"] for r in rows) / len(rows),
-                    "within_bound": all(r["ratio"] is None or r["bound"] is None or r["ratio"] <= r["bound"]
-                                        for r in rows)})
+        ratios = [r.ratio for r in rows if r.ratio is not None]
+        bounds = [r.bound for r in rows if r.bound is not None]
+        out.append(VarianceSummary(
+            layer=layer, sketch=sketch, steps=len(rows),
+            ratio_mean=sum(ratios) / len(ratios) if ratios else None,
+            ratio_min=min(ratios, default=None), ratio_max=max(ratios, default=None),
+            bound_mean=sum(bounds) / len(bounds) if bounds else None,
+            alpha_mean=sum(r.alpha for r in rows) / len(rows),
+            within_bound=all(r.ratio is None or r.bound is None or r.ratio <= r.bound for r in rows)))
     return out

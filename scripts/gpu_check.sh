@@ -42,7 +42,8 @@ fi
 # The model is roberta-base from the Hub cache when it is there (pretrained), else random-init (said in the report).
 if probe=$(python3 - 2>&1 <<'PY'
 import os
-from randbp_cli.tasks import get_task, load_glue_dir, load_glue_hub
+from randbp_cli.loaders import load_glue_dir, load_glue_hub
+from randbp_cli.tasks import get_task
 spec = get_task("mrpc")
 load_glue_dir(os.environ["GLUE_DIR"], spec) if os.environ.get("GLUE_DIR") else load_glue_hub(spec, offline=True)
 PY

@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from randbp_cli.cli import app
+from randbp_cli.finetune import run_finetune
+from randbp_cli.plans import FinetuneConfig, VarianceConfig
 from randbp_cli.profiling import ProfileConfig, run_profile
-from randbp_cli.train import FinetuneConfig, VarianceConfig, run_finetune
 from randbp_cli.variance import run_variance
 
 runner = CliRunner()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from randbp_cli.cli import app
 from randbp_cli.distributed import Distributed, shard
-from randbp_cli.models import builtin_config
+from randbp_cli.models import builtin_config_path
 
 runner = CliRunner()
 COMMON = ["--task", "synthetic", "--max-train-samples", "96", "--max-eval-samples", "40", "--max-steps", "4",
@@ -29,7 +29,8 @@ def torchrun(args, nproc=2, timeout=120):
 def no_dropout_model(tmp_path_factory):
     """roberta-tiny without dropout, as a config-only directory: runs are then deterministic."""
     directory = tmp_path_factory.mktemp("tiny-no-dropout")
-    config = dict(builtin_config("roberta-tiny"), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = dict(json.loads(builtin_config_path("roberta-tiny").read_text()), hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
     (directory / "config.json").write_text(json.dumps(config))
     return str(directory)
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from randbp_cli.cli import app
-from test_tasks import write_glue_task
+from test_loaders import write_glue_task
 
 runner = CliRunner()
 TINY = ["--model", "roberta-tiny", "--device", "cpu"]

@@ -187,7 +187,7 @@ def test_checkpointing_with_randomized_layers_is_sound(tiny_roberta):
     without checkpointing (same dropout masks and sketch seeds in the recompute)."""
     from conftest import tiny_batch
     from randbp_cli import convert
-    from randbp_cli.profiling import set_checkpointing
+    from randbp_cli.methods import set_checkpointing
 
     model = convert(tiny_roberta, 0.5, sketch="countsketch")
     batch = tiny_batch(model, batch_size=4)

@@ -12,10 +12,20 @@ from randbp_cli import RandomizedLinear
 from randbp_cli.cli import app
 from randbp_cli.errors import ConfigError
 from randbp_cli.sketches import get_sketch, sketch_names
-from randbp_cli.variance import (capture_linear_io, d2_sgd_brute_force, gradient_stats, measure_rmm_variance,
-                                 variance_record)
+from randbp_cli.variance import capture_linear_io, gradient_stats, measure_rmm_variance, variance_record
 
 runner = CliRunner()
+
+
+def d2_sgd_brute_force(x, y) -> float:
+    """D²_SGD straight from its definition: B² · Var of the per-row gradients gᵢ = yᵢxᵢᵀ
+    around their mean, with the unbiased (B − 1) normaliser: Σᵢ‖B·gᵢ − G‖² / (B − 1) / B."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = y.reshape(-1, y.shape[-1]).double()
+    rows = x.shape[0]
+    per_row = torch.einsum("bi,bj->bij", y, x)  # (B, d_out, d_in)
+    total = per_row.sum(0)
+    return float((rows * per_row - total).square().sum() / (rows - 1) / rows)
 
 
 def _xy(rows=24, d_in=6, d_out=5, seed=0):
@@ -53,7 +63,7 @@ def test_alpha_in_unit_interval_and_extremes():
 
 def test_record_fields_and_ratio_definition():
     x, y = _xy()
-    r = variance_record(x, y, layer="fc", step=3, sketch="gaussian", rho=0.5, repeats=64, seed=0)
+    r = variance_record(x, y, layer="fc", step=3, sketch="gaussian", rho=0.5, repeats=64, seed=0).to_dict()
     for key in ("layer", "step", "sketch", "rho", "k", "rows", "alpha", "d2_sgd", "d2_rmm_measured", "d2_rmm_se",
                 "d2_rmm_theory", "ratio", "bound"):
         assert key in r
@@ -137,7 +147,7 @@ def test_cli_bad_input(args, needle):
 
 def test_measuring_does_not_change_the_training_it_measures():
     """Measurement draws from its own seed stream: more repeats, same training losses."""
-    from randbp_cli.train import VarianceConfig
+    from randbp_cli.plans import VarianceConfig
     from randbp_cli.variance import run_variance
 
     def losses(repeats):

@@ -1,0 +1,98 @@
+"""What the CLI shows and hears while a command runs: the two consoles, progress, and Ctrl-C.
+
+stdout carries the tables (or exactly one JSON document); everything else (progress, notes,
+warnings, errors) goes to stderr, as plain lines when stderr is not a terminal.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .engine import TrainCallbacks
+
+err_console = Console(stderr=True)
+# Not a terminal (a CI log, a pipe): rich would assume 80 columns and squeeze the tables.
+out_console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def note(message: str) -> None:
+    """A plain line on stderr (never wrapped or styled: logs and tests read it)."""
+    typer.echo(message, err=True)
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _bar(*columns, disable: bool = False) -> Progress:
+    """The one progress-bar style: what runs, the bar, done/total, elapsed (and any extra columns)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    *columns, console=err_console, transient=True, disable=disable)
+
+
+@contextmanager
+def phase_progress(total: int):
+    """A bar on stderr; yields the engine's `progress(description, done)` callback.
+    Not a terminal (a CI log): one plain line per phase instead of a bar."""
+    if not err_console.is_terminal:
+        yield lambda description, done: note(f"[{done}/{total}] {description}")
+        return
+    with _bar() as bar:
+        task = bar.add_task("starting", total=total)
+
+        def update(description: str, done: int) -> None:
+            bar.update(task, description=description, completed=done)
+
+        yield update
+
+
+@contextmanager
+def training_progress(should_stop, enabled: bool = True):
+    """One bar per training run, a line per finished epoch; yields the engine's TrainCallbacks."""
+    if not enabled:  # other ranks of a torchrun job: quiet, but they still hear the stop signal
+        yield TrainCallbacks(should_stop=should_stop)
+        return
+    bar = _bar(TimeRemainingColumn(), disable=not err_console.is_terminal)
+    tasks: dict[str, int] = {}
+
+    def on_run_start(name, total):
+        tasks[name] = bar.add_task(name, total=total)
+
+    def on_step(name, step, loss, lr):
+        bar.update(tasks[name], completed=step, description=f"{name}  loss {loss:.4f}  lr {lr:.2e}")
+
+    def on_epoch(name, entry):
+        metrics = ", ".join(f"{split} {k} {v:.4f}" for split, m in (entry.get("eval") or {}).items()
+                            for k, v in m.items() if k != "loss")
+        line = f"{name}: epoch {entry['epoch']} train loss {entry['train_loss']:.4f}; {metrics}"
+        if err_console.is_terminal:
+            bar.console.print(line, highlight=False)  # above the live bar
+        else:
+            note(line)
+
+    with bar:
+        yield TrainCallbacks(on_run_start=on_run_start, on_step=on_step, on_epoch=on_epoch, should_stop=should_stop)
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM ask training to stop after the current step; a second SIGINT aborts at once."""
+    state = {"stop": False}
+
+    def handler(signum, frame):
+        if state["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state["stop"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: state["stop"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

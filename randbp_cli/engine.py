@@ -1,0 +1,145 @@
+"""The one run engine `profile`, `finetune` and `variance` drive.
+
+An `Engine` holds a model on its device, with its optimizer (and, optionally, a learning-rate
+schedule), and knows five things:
+
+  apply(method)      put the model into a `Method` (checkpointing, randomized layers)
+  forward/backward   one pass each, through the DistributedDataParallel wrapper when there is one
+  optimizer_step()   step the optimizer (and the schedule), then drop the gradients
+  probe(batch)       the bytes one forward saves for backward, and, in backward, the largest
+                     recompute of a checkpointed unit (docs/method.md §4.6)
+  timed_step(batch)  the wall-clock seconds of one whole training step
+
+The commands own their loops (profile's rounds of cases, finetune's epochs, variance's
+measured steps); they hear about progress through the callbacks defined here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .convert import converted_names
+from .distributed import SINGLE, Distributed
+from .memory import (RecomputeCounter, SavedTensorCounter, SavedTensorStats, checkpoint_units, cuda_step_memory,
+                     time_call)
+from .methods import Method, prepare_model
+
+Batch = dict[str, Tensor]
+Progress = Callable[[str, int], None]  # (what is running, steps completed so far)
+
+
+@dataclass
+class TrainCallbacks:
+    """How the caller hears about progress and asks to stop (the library never prints)."""
+
+    on_run_start: Callable[[str, int], None] | None = None  # (run name, total optimizer steps)
+    on_step: Callable[[str, int, float, float], None] | None = None  # (run, step, loss, lr)
+    on_epoch: Callable[[str, dict], None] | None = None  # (run, epoch record)
+    should_stop: Callable[[], bool] = lambda: False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one probed training step saved: the forward's stored bytes, the recompute's largest unit."""
+
+    stats: SavedTensorStats
+    checkpoint_units: int  # 0 without activation checkpointing
+    recompute_unit_bytes: int | None  # None when backward was not run
+
+    @property
+    def peak_bytes(self) -> int:
+        """Stored bytes plus the one unit recomputed at a time in backward."""
+        return self.stats.total_bytes + (self.recompute_unit_bytes or 0)
+
+
+class Engine:
+    """A model on a device in one method at a time, and its optimizer."""
+
+    def __init__(self, model: nn.Module, device: torch.device, *, include: Sequence[str] | None = None,
+                 exclude: Sequence[str] | None = None, dist: Distributed = SINGLE, compile: str | None = None) -> None:
+        if compile is not None:
+            # NOTE: the extension point for torch.compile: `apply` would compile `self.runner` in this
+            # mode after each method change, the same for every method. Not implemented yet.
+            raise NotImplementedError(f"torch.compile (mode {compile!r}) is not implemented yet")
+        self.model = model.to(device)
+        self.model.train()
+        self.runner: nn.Module = self.model  # what forward goes through (a DDP wrapper with several ranks)
+        self.device = device
+        self.include, self.exclude = include, exclude
+        self.dist = dist
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    def apply(self, method: Method) -> None:
+        """Put the model into `method` (the same Parameters: an optimizer built earlier still fits)."""
+        self.model = prepare_model(self.model, method, self.include, self.exclude)
+        self.runner = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # static_graph: reentrant checkpointing re-runs each layer in backward, which DDP's
+            # default gradient bookkeeping would see as the same parameter becoming ready twice
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = DistributedDataParallel(self.model, device_ids=device_ids, static_graph=method.checkpoint)
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    @property
+    def converted(self) -> list[str]:
+        """Names of the linear layers the current method randomized."""
+        return converted_names(self.model)
+
+    def to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.runner(**batch).loss
+
+    @staticmethod
+    def backward(loss: Tensor, scale: int = 1) -> None:
+        """Backward of `loss / scale` (the share of one micro-batch under gradient accumulation)."""
+        (loss / scale if scale != 1 else loss).backward()
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, batch: Batch) -> Tensor:
+        """One whole training step: forward, backward, optimizer step. Returns the loss."""
+        loss = self.forward(batch)
+        self.backward(loss)
+        self.optimizer_step()
+        return loss
+
+    def timed_step(self, batch: Batch) -> float:
+        return time_call(lambda: self.step(batch), self.device)
+
+    def cuda_step_memory(self, batch: Batch) -> dict:
+        """CUDA allocator phases of one training step (memory.cuda_step_memory)."""
+
+        def backward_and_step(loss: Tensor) -> None:
+            self.backward(loss)
+            self.optimizer_step()
+
+        return cuda_step_memory(lambda: self.forward(batch), backward_and_step, self.device)
+
+    def probe(self, batch: Batch, *, backward: bool = True, scale: int = 1) -> tuple[Tensor, Probe]:
+        """One forward counting the bytes saved for backward; with `backward`, the backward too,
+        counting what each checkpointed unit saves while it is recomputed. Leaves the gradients."""
+        with SavedTensorCounter(self.model, exclude=batch.values()) as counter:
+            loss = self.forward(batch)
+        stats = counter.stats()
+        units = checkpoint_units(self.model)
+        recompute = None
+        if backward:
+            with RecomputeCounter(self.model, units) as recomputed:
+                self.backward(loss, scale)
+            recompute = max(recomputed.unit_bytes().values(), default=0)
+        return loss, Probe(stats, len(units), recompute)

@@ -1,0 +1,306 @@
+"""Every command's options, and their resolution into a frozen plan, once.
+
+A config (`ProfileConfig`, `FinetuneConfig`, `VarianceConfig`) holds the options as a user
+gives them: strings and numbers, the defaults of the CLI. `config.resolve()` checks all of
+them and parses what needs parsing (device, dtype, sketches, methods) into a frozen plan;
+the engine and the commands run plans, so no option is checked or parsed twice. The plan
+keeps a private copy of the config, which the report records as given.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .devices import dtype_name, resolve_device, resolve_dtype
+from .errors import ConfigError
+from .methods import DEFAULT_SKETCH, EXACT, METHOD_NAMES, Method, check_method_name, randomizes
+from .sketches import Sketch, check_rho, get_sketch
+from .tasks import TaskSpec, get_task
+
+DEFAULT_MODEL = "roberta-base"
+SYNTHETIC_DEFAULT_MODEL = "roberta-tiny"
+
+
+def _unique_sketches(names: Iterable[str]) -> list[Sketch]:
+    """One instance per distinct sketch, in the order first given."""
+    unique: dict[str, Sketch] = {}
+    for name in names:
+        sketch = get_sketch(name)
+        unique.setdefault(sketch.name, sketch)
+    return list(unique.values())
+
+
+def _runs(names: Iterable[str], rhos: Sequence[float], sketches: Sequence[Sketch]) -> list[Method]:
+    """The methods `names` asks for, in METHOD_NAMES order: one per sketch × ρ when randomized."""
+    methods: list[Method] = []
+    for name in METHOD_NAMES:
+        if name in names:
+            methods += ([Method.named(name, rho, sketch) for sketch in sketches for rho in rhos]
+                        if randomizes(name) else [Method.named(name)])
+    return methods
+
+
+# ---------------------------------------------------------------------------- profile
+
+
+@dataclass(frozen=True)
+class ProfileCase:
+    method: Method
+    batch_size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.label} b={self.batch_size}"
+
+
+@dataclass
+class ProfileConfig:
+    model: str = DEFAULT_MODEL
+    rhos: Sequence[float] = field(default_factory=lambda: [0.5])
+    sketches: Sequence[str] = field(default_factory=lambda: [DEFAULT_SKETCH])
+    methods: Sequence[str] = field(default_factory=lambda: ["randomized"])  # besides the exact baseline
+    batch_sizes: Sequence[int] = field(default_factory=lambda: [8])
+    seq_len: int = 128
+    device: str = "auto"
+    dtype: str = "float32"
+    steps: int = 3
+    warmup: int = 1
+    seed: int = 0
+    isolate: bool = False
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    attn_implementation: str | None = None
+    offline: bool = False
+    num_labels: int = 2
+    lr: float = 1e-5
+    budget_mib: float | None = None  # find the largest batch whose activations fit this budget
+    budget_max_batch: int = 1024
+
+    def resolve(self) -> ProfilePlan:
+        """Check every option once; the plan `profile` runs (ConfigError/DeviceError otherwise)."""
+        for method in self.methods:
+            check_method_name(method)
+        if self.budget_mib is not None and not self.budget_mib > 0:
+            raise ConfigError(f"--budget-mib must be positive (got {self.budget_mib})")
+        if not self.rhos:
+            raise ConfigError("give at least one --rho")
+        rhos = list(dict.fromkeys(check_rho(rho) for rho in self.rhos))
+        sketches = _unique_sketches(self.sketches)
+        if not sketches:
+            raise ConfigError("give at least one --sketch")
+        self._check_sizes()
+        dtype = resolve_dtype(self.dtype)
+        methods = _runs({"exact", *self.methods}, rhos, sketches)
+        cases = tuple(ProfileCase(method, batch) for batch in dict.fromkeys(self.batch_sizes) for method in methods)
+        return ProfilePlan(copy.deepcopy(self), resolve_device(self.device), dtype, cases)
+
+    def _check_sizes(self) -> None:
+        for batch in self.batch_sizes:
+            if batch <= 0:
+                raise ConfigError(f"--batch-size must be a positive integer (got {batch})")
+        if not self.batch_sizes:
+            raise ConfigError("give at least one --batch-size")
+        if self.seq_len <= 0:
+            raise ConfigError(f"--seq-len must be a positive integer (got {self.seq_len})")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1 (got {self.steps})")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be 0 or more (got {self.warmup})")
+
+
+@dataclass(frozen=True)
+class ProfilePlan:
+    """A checked `ProfileConfig`: the device, dtype and every case (exact first per batch size)."""
+
+    config: ProfileConfig  # the options as given (a private copy): recorded in the report
+    device: torch.device
+    dtype: torch.dtype
+    cases: tuple[ProfileCase, ...]
+    compile: str | None = None  # NOTE: extension point, a torch.compile mode for every case (engine.py)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return list(dict.fromkeys(self.config.batch_sizes))
+
+    @property
+    def budget_bytes(self) -> float | None:
+        return None if self.config.budget_mib is None else self.config.budget_mib * 2**20
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps the whole profile runs (what a progress bar counts)."""
+        config = self.config
+        per_case = config.warmup + 1 + (self.device.type == "cuda") + config.steps
+        return per_case * len(self.cases)
+
+    def config_record(self) -> dict:
+        config = self.config
+        return {**asdict(config), "rhos": list(config.rhos), "sketches": list(config.sketches),
+                "methods": list(config.methods), "batch_sizes": list(config.batch_sizes),
+                "device": str(self.device), "dtype": dtype_name(self.dtype)}
+
+
+# ---------------------------------------------------------------------------- finetune and variance
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "mrpc"
+    model: str | None = None  # roberta-base; roberta-tiny for the synthetic task
+    rhos: list[float] = field(default_factory=list)  # empty: exact training only
+    compare: bool = False  # add an exact run beside the randomized ones
+    methods: list[str] | None = None  # explicit: exact, randomized, checkpoint, checkpoint+randomized
+    sketch: str = DEFAULT_SKETCH
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int | None = None
+    lr: float | None = None
+    max_length: int = 512
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-6
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    data_dir: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    synthetic_train_size: int = 4000
+    synthetic_eval_size: int = 1000
+    offline: bool = False
+    save_model: str | None = None
+
+    @property
+    def custom_data(self) -> bool:
+        return self.train_file is not None
+
+    def model_name(self) -> str:
+        if self.model:
+            return self.model
+        return SYNTHETIC_DEFAULT_MODEL if self.task == "synthetic" and not self.custom_data else DEFAULT_MODEL
+
+    def resolve(self) -> FinetunePlan:
+        """Check every option once; the plan `finetune` runs: one method per run."""
+        common, sketch = self._resolve_common()
+        rhos = list(dict.fromkeys(float(rho) for rho in self.rhos))
+        if self.methods:
+            names = {*self.methods, *(["exact"] if self.compare else [])}
+        else:
+            names = {*(["exact"] if not rhos or self.compare else []), *(["randomized"] if rhos else [])}
+        return FinetunePlan(**common, methods=tuple(_runs(names, rhos, [sketch])))
+
+    def _resolve_common(self) -> tuple[dict, Sketch]:
+        """The fields every training plan has, and the training sketch."""
+        for method in self.methods or []:
+            if randomizes(method) and not self.rhos:
+                raise ConfigError(f"--method {method} needs at least one --rho")
+        for rho in self.rhos:
+            check_rho(rho)
+        sketch = get_sketch(self.sketch)
+        dtype = resolve_dtype(self.dtype)
+        self._check_numbers()
+        task = None if self.custom_data else get_task(self.task)
+        return dict(config=copy.deepcopy(self), device=resolve_device(self.device), dtype=dtype,
+                    model_name=self.model_name(), task=task), sketch
+
+    def _check_numbers(self) -> None:
+        positive = {"--epochs": self.epochs, "--max-steps": self.max_steps, "--batch-size": self.batch_size,
+                    "--eval-batch-size": self.eval_batch_size, "--max-length": self.max_length,
+                    "--grad-accum": self.grad_accum, "--max-train-samples": self.max_train_samples,
+                    "--max-eval-samples": self.max_eval_samples}
+        for option, value in positive.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} must be a positive integer (got {value})")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be positive (got {self.lr})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warm-up ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if (self.train_file is None) != (self.validation_file is None):
+            raise ConfigError("give both --train-file and --validation-file")
+
+
+@dataclass
+class VarianceConfig(FinetuneConfig):
+    """`randbp variance`: the data and model options of finetune, plus what to measure."""
+
+    sketches: list[str] = field(default_factory=lambda: [DEFAULT_SKETCH])
+    rho: float = 0.5  # the compression rate measured
+    repeats: int = 64
+    layers: list[str] | None = None
+    steps: int = 0  # fine-tune this many steps (0: measure the first batch only)
+    every: int = 1
+    train_rho: float | None = None  # train randomized at this rate (with `sketch`); None: exact
+
+    def resolve(self) -> VariancePlan:
+        """Check every option once; the plan `variance` runs."""
+        common, sketch = self._resolve_common()
+        rho = check_rho(self.rho)
+        train = EXACT if self.train_rho is None else Method(rho=check_rho(self.train_rho), sketch=sketch)
+        if not self.sketches:
+            raise ConfigError("give at least one --sketch")
+        sketches = tuple(get_sketch(name) for name in self.sketches)
+        if self.repeats < 2:
+            raise ConfigError(f"--repeats must be at least 2 to give a standard error (got {self.repeats})")
+        if self.steps < 0:
+            raise ConfigError(f"--steps must be 0 or more (got {self.steps})")
+        if self.every < 1:
+            raise ConfigError(f"--every must be at least 1 (got {self.every})")
+        return VariancePlan(**common, rho=rho, sketches=sketches, train_method=train)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What finetune and variance share: a checked config, where it runs, the model and the task."""
+
+    config: FinetuneConfig  # the options as given (a private copy): recorded in the report
+    device: torch.device
+    dtype: torch.dtype
+    model_name: str
+    task: TaskSpec | None  # None: the user's own files, whose labels decide the task
+    compile: str | None = None  # NOTE: extension point, a torch.compile mode for every method (engine.py)
+
+    def optimizer(self, parameters, lr: float) -> torch.optim.Optimizer:
+        """AdamW as Fairseq configures it for GLUE (docs/method.md §5): decay on every parameter."""
+        config = self.config
+        return torch.optim.AdamW(parameters, lr=lr, betas=config.adam_betas, eps=config.adam_eps,
+                                 weight_decay=config.weight_decay)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return round(self.config.warmup_ratio * total_steps)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        """6% linear warm-up (by default), then linear decay to 0 at `total_steps`."""
+        from transformers import get_linear_schedule_with_warmup
+
+        return get_linear_schedule_with_warmup(optimizer, self.warmup_steps(total_steps), total_steps)
+
+    def config_record(self, **resolved) -> dict:
+        """The config block of the report: the options as given, with what they resolved to."""
+        return {**asdict(self.config), "model": self.model_name, "device": str(self.device), **resolved}
+
+
+@dataclass(frozen=True)
+class FinetunePlan(TrainingPlan):
+    methods: tuple[Method, ...] = ()  # one run each, in this order
+
+
+@dataclass(frozen=True)
+class VariancePlan(TrainingPlan):
+    """`config` is a VarianceConfig."""
+
+    rho: float = 0.5
+    sketches: tuple[Sketch, ...] = ()  # measured, in this order (a name given twice is measured twice)
+    train_method: Method = EXACT  # how the model is trained between measurements

@@ -1,0 +1,351 @@
+"""Reports made readable: the rich tables the commands print, Markdown, and matplotlib figures.
+
+Only the CLI renders; every function here takes a typed report (report.py) and returns a
+table or writes a figure. Plots are headless (Agg) and carry units on their axes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from rich.table import Table
+
+from .check import CheckResult
+from .errors import ConfigError
+from .methods import method_label
+from .report import (FinetuneReport, FinetuneRun, ProfileReport, Report, VarianceReport, atomic_path, merge_profiles,
+                     one_kind)
+
+MiB = 1 << 20
+IMAGE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp")
+
+
+def _mib(value: float | None) -> str:
+    return "—" if value is None else f"{value / MiB:,.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:+.1f}%"
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _sci(value) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def _columns(table: Table, names: list[str], left: tuple[str, ...]) -> None:
+    for name in names:
+        table.add_column(name, justify="left" if name in left else "right", no_wrap=True)
+
+
+# ---------------------------------------------------------------------------- profile
+
+
+def profile_table(report: ProfileReport) -> Table:
+    """The `randbp profile` table: one row per case, savings and ratios vs exact."""
+    results = report.results
+    model = report.model or {}
+    show_cuda = any(r.cuda for r in results)
+    show_nvml = any((r.nvml or {}).get("available") for r in results)
+    show_peak = any(r.checkpointing for r in results)
+    budget = next((r.budget for r in results if r.budget), None)
+    title = f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
+    table = Table(title=title, caption=_profile_caption(report), title_justify="left")
+    columns = ["method", "ρ", "sketch", "batch", "seq", "activations MiB", "vs exact"]
+    columns += ["act. peak MiB"] * show_peak + ["CUDA peak MiB"] * show_cuda + ["NVML peak MiB"] * show_nvml
+    columns += ["step ms", "time × exact"]
+    columns += [f"max batch ≤ {budget['budget_bytes'] / MiB:g} MiB"] if budget else []
+    _columns(table, columns, left=("method", "sketch"))
+    for r in results:
+        saving = r.activation_saving_vs_exact
+        row = [r.method, "—" if r.rho is None else f"{r.rho:g}", r.sketch or "—", str(r.batch_size), str(r.seq_len),
+               _mib(r.activation_bytes),
+               "baseline" if r.method == "exact" else ("—" if saving is None else f"{-100 * saving:+.1f}%")]
+        if show_peak:
+            row.append(_mib(r.activation_bytes if r.activation_peak_bytes is None else r.activation_peak_bytes))
+        if show_cuda:
+            row.append(_mib((r.cuda or {}).get("peak_allocated_bytes")))
+        if show_nvml:
+            row.append(_mib((r.nvml or {}).get("peak_used_bytes")))
+        median, ratio = (r.step_time_s or {}).get("median"), r.time_ratio_vs_exact
+        row += ["—" if median is None else f"{1000 * median:,.1f}", "—" if ratio is None else f"{ratio:.2f}×"]
+        if budget:
+            found = r.budget
+            row.append("" if not found else f"{found['max_batch_size']}{'+' if found['capped'] else ''}")
+        table.add_row(*row, style="bold" if r.method == "exact" else None)
+    return table
+
+
+def _profile_caption(report: ProfileReport) -> str:
+    config, env = report.config or {}, report.environment or {}
+    parts = [f"device {config.get('device', '?')} ({env.get('device_name', '?')})",
+             f"dtype {config.get('dtype', '?')}",
+             f"median of {config.get('steps', '?')} steps after {config.get('warmup', '?')} warm-up"]
+    nvml = env.get("nvml") or {}
+    if config.get("device", "cpu").startswith("cuda") and not nvml.get("available"):
+        parts.append(f"NVML unavailable: {nvml.get('reason', 'unknown')}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------- finetune
+
+
+def finetune_table(report: FinetuneReport) -> Table:
+    """The paper's kind of table: task metric, activation MiB, peak MiB, time/step, ratio to exact."""
+    task, model, runs = report.task or {}, report.model or {}, report.runs
+    metric = runs[0].metric if runs else "metric"
+    title = (f"randbp finetune: {task.get('task', '?')} on {model.get('name', '?')} "
+             f"({model.get('weights', '?')} weights), status {report.status or '?'}")
+    table = Table(title=title, title_justify="left")
+    show_cuda = any((r.memory.get("cuda") or {}) for r in runs)
+    columns = ["run", "ρ", f"best {metric}", "epoch", f"last {metric}", "activations MiB", "vs exact"]
+    columns += ["CUDA peak MiB"] * show_cuda + ["s/step", "tokens/s", "time × exact"]
+    _columns(table, columns, left=("run",))
+    for r in runs:
+        vs = r.vs_exact or {}
+        best, last = r.best or {}, r.last or {}
+        row = [r.name + (" (interrupted)" if r.status == "interrupted" else ""),
+               "—" if r.rho is None else f"{r.rho:g}",
+               _fmt(best.get("value")), _fmt(best.get("epoch")), _fmt(last.get("value")),
+               _mib(r.memory.get("activation_bytes")),
+               "baseline" if r.method == "exact" else _pct(None if "activation_bytes" not in vs
+                                                          else vs["activation_bytes"] - 1)]
+        if show_cuda:
+            row.append(_mib((r.memory.get("cuda") or {}).get("peak_allocated_bytes")))
+        tokens_per_s = r.time.get("tokens_per_s")
+        row += [_fmt(r.time.get("step_time_s"), 3), "—" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+                "—" if "step_time" not in vs else f"{vs['step_time']:.2f}×"]
+        table.add_row(*row, style="bold" if r.method == "exact" else None)
+    return table
+
+
+def epoch_table(run: FinetuneRun) -> Table:
+    """One run's epochs: train loss and every evaluation metric per split."""
+    table = Table(title=f"{run.name}: per epoch", title_justify="left")
+    splits_metrics: list[tuple[str, str]] = []
+    for entry in run.epochs:
+        for split, metrics in (entry.get("eval") or {}).items():
+            for name in metrics:
+                if (split, name) not in splits_metrics:
+                    splits_metrics.append((split, name))
+    several = len({s for s, _ in splits_metrics}) > 1
+    _columns(table, ["epoch", "steps", "train loss", *[f"{s}:{m}" if several else m for s, m in splits_metrics],
+                     "train s"], left=())
+    for entry in run.epochs:
+        evals = entry.get("eval") or {}
+        table.add_row(str(entry["epoch"]) + (" (partial)" if entry.get("partial") else ""), str(entry["steps"]),
+                      _fmt(entry["train_loss"]),
+                      *[_fmt((evals.get(s) or {}).get(m)) for s, m in splits_metrics],
+                      _fmt(entry.get("train_time_s"), 1))
+    return table
+
+
+def finetune_tables(report: FinetuneReport) -> list[Table]:
+    """Every run's epochs, then the runs side by side (what `randbp finetune` prints)."""
+    return [*[epoch_table(run) for run in report.runs], finetune_table(report)]
+
+
+# ---------------------------------------------------------------------------- variance
+
+
+def variance_table(report: VarianceReport, max_rows: int = 40) -> Table:
+    """Every (step, layer, sketch) record, or, for long runs, the per-(layer, sketch) summary."""
+    config, records = report.config or {}, report.records
+    title = (f"randbp variance: {config.get('task', '?')} on {config.get('model', '?')}, ρ = {config.get('rho', '?')}, "
+             f"{config.get('repeats', '?')} repeats")
+    table = Table(title=title, title_justify="left",
+                  caption="ratio = (k/(B−1))·D²_RMM/D²_SGD (measured); bound = (α+1)/α (paper, Theorem 1)")
+    if len(records) <= max_rows:
+        _columns(table, ["step", "layer", "sketch", "k / B", "α", "D²_SGD", "D²_RMM measured ± se", "D²_RMM theory",
+                         "ratio", "bound"], left=("layer", "sketch"))
+        for r in records:
+            table.add_row(str(r.step), r.layer, r.sketch, f"{r.k} / {r.rows}", f"{r.alpha:.4f}", _sci(r.d2_sgd),
+                          f"{r.d2_rmm_measured:.3g} ± {r.d2_rmm_se:.2g}", _sci(r.d2_rmm_theory), _fmt(r.ratio, 3),
+                          _fmt(r.bound, 3))
+    else:
+        _columns(table, ["layer", "sketch", "steps", "mean α", "ratio mean", "ratio min–max", "mean bound",
+                         "within bound"], left=("layer", "sketch"))
+        for s in report.summary:
+            table.add_row(s.layer, s.sketch, str(s.steps), f"{s.alpha_mean:.4f}", _fmt(s.ratio_mean, 3),
+                          f"{_fmt(s.ratio_min, 3)}–{_fmt(s.ratio_max, 3)}", _fmt(s.bound_mean, 3),
+                          "yes" if s.within_bound else "no")
+    return table
+
+
+# ---------------------------------------------------------------------------- check
+
+
+def check_table(result: CheckResult, show_all: bool = False) -> Table:
+    """Every metric that moved (or all with `show_all`): baseline, now, delta, delta %, limit."""
+    table = Table(title=f"randbp check: {result.matched} case(s) compared", title_justify="left")
+    _columns(table, ["case", "metric", "baseline", "now", "delta", "delta %", "limit", "status"],
+             left=("case", "metric", "status"))
+
+    def value(metric: str, number) -> str:
+        if number is None:
+            return "—"
+        return f"{number * 1000:,.1f} ms" if metric == "step_time_s" else f"{number:,.0f} B"
+
+    for change in result.changes:
+        moved = change.current != change.baseline
+        if not (show_all or change.status in ("regressed", "improved") or (change.status == "info" and moved
+                                                                            and change.metric != "step_time_s")):
+            continue
+        pct = change.delta_pct
+        style = {"regressed": "bold red", "improved": "green"}.get(change.status)
+        table.add_row(change.case, change.metric, value(change.metric, change.baseline),
+                      value(change.metric, change.current),
+                      ("+" if change.delta > 0 else "") + value(change.metric, change.delta),
+                      "—" if pct is None else f"{pct:+.2f}%", value(change.metric, change.limit), change.status,
+                      style=style)
+    return table
+
+
+# ---------------------------------------------------------------------------- any report
+
+
+def tables_for(reports: list[Report]) -> list[Table]:
+    """The same rich tables the commands print, for reports of one kind (profiles merged)."""
+    kind = one_kind(reports)
+    if kind == "profile":
+        return [profile_table(merge_profiles(reports))]
+    if kind == "finetune":
+        return [table for report in reports for table in finetune_tables(report)]
+    return [variance_table(report) for report in reports]
+
+
+def table_to_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table with the rich table's headers and cells."""
+
+    def clean(cell) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+
+    headers = [clean(c.header) for c in table.columns]
+    align = ["---:" if c.justify == "right" else "---" for c in table.columns]
+    rows = list(zip(*[[clean(cell) for cell in c.cells] for c in table.columns]))
+    lines = [f"| {' | '.join(headers)} |", f"| {' | '.join(align)} |"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    title = f"**{table.title}**\n\n" if table.title else ""
+    caption = f"\n\n_{table.caption}_" if table.caption else ""
+    return title + "\n".join(lines) + caption
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def check_image_path(path: Path) -> None:
+    """Refuse, before any work, a --plot file whose suffix matplotlib cannot write."""
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix and suffix not in IMAGE_FORMATS:
+        raise ConfigError(f"--plot {str(path)!r}: cannot draw a .{suffix} file; use one of "
+                          f"{', '.join('.' + f for f in IMAGE_FORMATS)}")
+
+
+def write_plot(reports: list[Report], path: Path) -> None:
+    """The figure of `reports` (one kind; profiles merged), written atomically; format from the suffix."""
+    kind = one_kind(reports)
+    image_format = path.suffix.lstrip(".").lower() or "png"
+    with atomic_path(path) as tmp:
+        if kind == "profile":
+            plot_profile(merge_profiles(reports), tmp, image_format)
+        elif kind == "finetune":
+            plot_finetune(reports[0], tmp, image_format)
+        else:
+            plot_variance(reports[0], tmp, image_format)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(plt, fig, axes, path, image_format: str, legend_size: int) -> None:
+    """Grid and legend on every axis, then write the figure and free it."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, format=image_format)
+    plt.close(fig)
+
+
+def plot_profile(report: ProfileReport, path, image_format: str = "png") -> None:
+    """The paper's memory figure: activation MiB vs batch size per method, and time ratio vs exact."""
+    plt = _pyplot()
+    series: dict[str, list] = defaultdict(list)
+    for r in report.results:
+        series[f"{method_label(r.method, r.rho, r.sketch)} (seq {r.seq_len})"].append(r)
+    fig, (mem, tim) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=100)
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r.batch_size)
+        batches = [r.batch_size for r in rows]
+        style = {"linewidth": 2.5, "color": "black"} if label.startswith("exact") else {"marker": "o"}
+        mem.plot(batches, [r.activation_bytes / MiB for r in rows], label=label, **style)
+        ratios = [r.time_ratio_vs_exact for r in rows]
+        if any(v is not None for v in ratios):
+            tim.plot(batches, ratios, label=label, **style)
+    model = (report.model or {}).get("name", "?")
+    mem.set(xlabel="batch size (sequences)", ylabel="activations saved for backward (MiB)",
+            title=f"activation memory: {model}")
+    tim.set(xlabel="batch size (sequences)", ylabel="step time / exact step time (×)", title="time vs exact")
+    tim.axhline(1.0, color="grey", linewidth=0.8)
+    _finish(plt, fig, (mem, tim), path, image_format, legend_size=7)
+
+
+def plot_finetune(report: FinetuneReport, path, image_format: str = "png") -> None:
+    """Training loss and the task metric per epoch, one line per run."""
+    plt = _pyplot()
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=100)
+    metric = "metric"
+    for run in report.runs:
+        epochs = [e["epoch"] for e in run.epochs]
+        loss_ax.plot(epochs, [e["train_loss"] for e in run.epochs], marker="o", label=run.name)
+        evaluated = [e for e in run.epochs if e.get("eval")]
+        metric = run.metric or metric
+        values = [e["eval"][next(iter(e["eval"]))].get(metric) for e in evaluated]  # the first evaluation split
+        metric_ax.plot([e["epoch"] for e in evaluated], values, marker="o", label=run.name)
+    task = (report.task or {}).get("task", "?")
+    loss_ax.set(xlabel="epoch", ylabel="mean training loss (nats)", title=f"training loss: {task}")
+    metric_ax.set(xlabel="epoch", ylabel=f"{metric} (first evaluation split)", title=f"{metric}: {task}")
+    _finish(plt, fig, (loss_ax, metric_ax), path, image_format, legend_size=8)
+
+
+def plot_variance(report: VarianceReport, path, image_format: str = "png") -> None:
+    """Ratio over training steps per layer and sketch, with the bound dashed; PNG, headless."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series: dict[tuple[str, str], list] = {}
+    for r in report.records:
+        series.setdefault((r.layer, r.sketch), []).append(r)
+    layers = list(dict.fromkeys(layer for layer, _ in series))
+    markers = dict(zip(dict.fromkeys(s for _, s in series), "os^Dvx"))
+    for (layer, sketch), rows in series.items():
+        color = colors[layers.index(layer) % len(colors)]
+        ax.plot([r.step for r in rows], [r.ratio for r in rows], marker=markers[sketch], color=color,
+                label=f"{layer} · {sketch}")
+    for layer in layers:
+        rows = next(rows for (lay, _), rows in series.items() if lay == layer)
+        color = colors[layers.index(layer) % len(colors)]
+        ax.plot([r.step for r in rows], [r.bound for r in rows], linestyle="--", color=color, alpha=0.7,
+                label=f"{layer} · bound (α+1)/α")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_yscale("log")  # the bound runs to thousands when α is small; the ratio sits near 1
+    config = report.config or {}
+    ax.set_xlabel("training step (optimizer steps)")
+    ax.set_ylabel("(k/(B−1)) · D²_RMM / D²_SGD  (dimensionless, log scale)")
+    ax.set_title(f"randomized vs SGD gradient variance: {config.get('task', '?')}, {config.get('model', '?')}, "
+                 f"ρ = {config.get('rho', '?')}")
+    _finish(plt, fig, (ax,), path, image_format, legend_size=7)

@@ -1,0 +1,82 @@
+"""Options resolve once into frozen plans: methods as values, devices and dtypes parsed by one
+parser, and the extension points (compile, savers) refusing until they are built."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from randbp_cli.devices import dtype_name, resolve_device, resolve_dtype
+from randbp_cli.distributed import SINGLE, init_distributed
+from randbp_cli.engine import Engine
+from randbp_cli.errors import ConfigError, DeviceError
+from randbp_cli.methods import EXACT, Method, method_label, prepare_model
+from randbp_cli.plans import FinetuneConfig, ProfileConfig, VarianceConfig
+from randbp_cli.sketches import get_sketch
+
+
+def test_methods_are_values():
+    count = get_sketch("countsketch")
+    both = Method.named("checkpoint+randomized", 0.1, count)
+    assert (both.checkpoint, both.randomized, both.name, both.label) == (
+        True, True, "checkpoint+randomized", "checkpoint+countsketch rho=0.1")
+    assert Method.named("checkpoint", 0.1, count) == Method(checkpoint=True)  # ρ and sketch only when randomized
+    assert Method(rho=0.5, sketch=get_sketch("countsketch")) == Method(rho=0.5, sketch=count)  # sketches by name
+    assert len({Method(rho=0.5, sketch=count), Method(rho=0.5, sketch=get_sketch("countsketch")), EXACT}) == 2
+    assert EXACT.label == "exact" and EXACT.sketch_name is None
+    assert method_label("checkpoint+randomized", 0.5, "crs") == "checkpoint+crs rho=0.5"
+    with pytest.raises(ConfigError, match="unknown method"):
+        Method.named("offload")
+    with pytest.raises(ValueError):
+        Method(rho=0.5)  # randomized without a sketch
+
+
+def test_profile_plan_cases_in_order_each_once():
+    config = ProfileConfig(model="roberta-tiny", rhos=[0.5, 0.1, 0.5], sketches=["CountSketch", "crs", "countsketch"],
+                           methods=["checkpoint", "randomized"], batch_sizes=[4, 2, 4], warmup=1, steps=2, device="cpu")
+    plan = config.resolve()
+    labels = [case.label for case in plan.cases]
+    assert labels[:6] == ["exact b=4", "countsketch rho=0.5 b=4", "countsketch rho=0.1 b=4", "crs rho=0.5 b=4",
+                          "crs rho=0.1 b=4", "checkpoint b=4"]
+    assert len(labels) == 12 and labels[6] == "exact b=2"
+    assert plan.device == torch.device("cpu") and plan.dtype == torch.float32
+    assert plan.total_steps == 12 * (1 + 1 + 2)
+    config.rhos.append(0.2)  # the plan keeps its own copy of the options
+    assert plan.config.rhos == [0.5, 0.1, 0.5] and plan.config_record()["rhos"] == [0.5, 0.1, 0.5]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.device = torch.device("meta")
+
+
+def test_finetune_and_variance_plans():
+    runs = FinetuneConfig(task="synthetic", rhos=[0.5, 0.2], compare=True, sketch="crs", device="cpu").resolve()
+    assert [m.label for m in runs.methods] == ["exact", "crs rho=0.5", "crs rho=0.2"]
+    assert runs.model_name == "roberta-tiny" and runs.task.name == "synthetic"
+    chosen = FinetuneConfig(task="rte", methods=["checkpoint+randomized"], rhos=[0.1], device="cpu").resolve()
+    assert [m.name for m in chosen.methods] == ["checkpoint+randomized"] and chosen.task.name == "rte"
+    assert FinetuneConfig(task="rte", device="cpu").resolve().methods == (EXACT,)
+    variance = VarianceConfig(task="synthetic", sketches=["gaussian", "gaussian"], train_rho=0.25, sketch="crs",
+                              device="cpu").resolve()
+    assert [s.name for s in variance.sketches] == ["gaussian", "gaussian"]  # measured as often as named
+    assert variance.train_method.label == "crs rho=0.25"
+    assert VarianceConfig(task="synthetic", device="cpu").resolve().train_method == EXACT
+
+
+def test_one_device_and_dtype_parser():
+    assert resolve_device("CPU") == torch.device("cpu")
+    assert resolve_dtype("bf16") is torch.bfloat16 and dtype_name(torch.bfloat16) == "bfloat16"
+    with pytest.raises(ConfigError, match="unsupported device"):
+        resolve_device("meta")
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        resolve_dtype("int8")
+    assert init_distributed(1, 0, 0, "auto", torch.device("cpu")) == (SINGLE, torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_extension_points_refuse_until_built(tiny_roberta):
+    with pytest.raises(NotImplementedError, match="savers"):
+        prepare_model(tiny_roberta, Method(savers=("dropout",)))
+    with pytest.raises(NotImplementedError, match="torch.compile"):
+        Engine(tiny_roberta, torch.device("cpu"), compile="max-autotune")
