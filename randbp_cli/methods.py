@@ -15,10 +15,7 @@ from torch import nn
 
 from .convert import convert, restore
 from .errors import ConfigError
-from .sketches import Sketch
-
-# The sketch every command uses when none is given: the only place it is defined.
-DEFAULT_SKETCH = "gaussian"
+from .sketches import DEFAULT_SKETCH, Sketch  # noqa: F401 - the one default, re-exported for the CLI and plans
 
 # name -> (checkpointed, randomized); the order is the order runs and cases are made in
 _PARTS = {"exact": (False, False), "randomized": (False, True), "checkpoint": (True, False),

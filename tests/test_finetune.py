@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from randbp_cli.cli import app
+from randbp_cli.sketches import DEFAULT_SKETCH
 from test_loaders import write_glue_task
 
 runner = CliRunner()
@@ -58,7 +59,7 @@ def test_table_output():
                         "--max-eval-samples", "32"])
     assert result.exit_code == 0, result.output
     assert "per epoch" in result.stdout and "best accuracy" in result.stdout
-    assert "gaussian rho=0.2" in result.stdout
+    assert f"{DEFAULT_SKETCH} rho=0.2" in result.stdout
 
 
 @pytest.mark.parametrize("task", ["mnli", "stsb", "cola"])

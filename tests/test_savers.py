@@ -484,11 +484,12 @@ def test_savers_compose_with_randomized_linear_layers_in_either_order():
     assert converted_names(model) == converted and saver_names(model) == ["dropout", "gelu:3"]
     batch = tiny_batch(model)
     model(**batch).loss.backward()
-    model = restore(model)  # the linear layers back, the savers stay
-    assert converted_names(model) == [] and saver_names(model) == ["dropout", "gelu:3"]
-    model = convert(model, 0.1)
     model = restore_savers(model)  # the savers back, the linear layers stay
-    assert saver_names(model) == [] and len(converted_names(model)) == len(converted)
+    assert saver_names(model) == [] and converted_names(model) == converted
+    model = convert(apply_savers(model, ["gelu:2"]), 0.1)  # converting keeps the savers
+    assert saver_names(model) == ["gelu:2"] and len(converted_names(model)) == len(converted)
+    model = restore(model)  # everything randbp did, undone
+    assert converted_names(model) == [] and saver_names(model) == []
 
 
 def test_reapplying_replaces_the_previous_savers():

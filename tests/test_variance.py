@@ -13,6 +13,7 @@ from randbp_cli.cli import app
 from randbp_cli.errors import ConfigError
 from randbp_cli.sketches import get_sketch, sketch_names
 from randbp_cli.variance import capture_linear_io, gradient_stats, measure_rmm_variance, variance_record
+from randbp_cli.sketches import DEFAULT_SKETCH
 
 runner = CliRunner()
 
@@ -114,7 +115,7 @@ def test_cli_offline_tiny_model_with_plot(tmp_path):
     assert len(records) == 3 * 2 * 2  # steps 0, 2, 4 × 2 layers × 2 sketches
     assert {r["step"] for r in records} == {0, 2, 4}
     assert all(r["ratio"] > 0 and 0 <= r["alpha"] <= 1 for r in records)
-    assert report["model"]["trained_with"] == "gaussian rho=0.5"
+    assert report["model"]["trained_with"] == f"{DEFAULT_SKETCH} rho=0.5"  # --train-sketch's default
     header = png.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", header[16:24])
