@@ -22,10 +22,11 @@ except ImportError:  # older typer: plain click
 from . import __version__, distributed
 from .check import compare_reports, parse_tolerance
 from .cli_console import note, one_line, out_console, phase_progress, stop_on_signals, training_progress
-from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, DataDirOpt, DeviceOpt, DtypeOpt, ExcludeOpt,
-                          IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt, MaxLengthOpt, MaxTrainOpt, ModelOpt,
-                          OfflineOpt, OutputOpt, SeedOpt, TaskOpt, TextColumnsOpt, TolerancePeakOpt, ToleranceTimeOpt,
-                          TrainFileOpt, ValidationFileOpt, command_line, data_options, torchrun_environment)
+from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt, DeviceOpt,
+                          DtypeOpt, ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt, MaxLengthOpt,
+                          MaxTrainOpt, ModelOpt, OfflineOpt, OutputOpt, SaverOpt, SeedOpt, TaskOpt, TextColumnsOpt,
+                          TolerancePeakOpt, ToleranceTimeOpt, TrainFileOpt, ValidationFileOpt, command_line,
+                          data_options, torchrun_environment)
 from .distributed import Distributed
 from .errors import ConfigError, RandbpError
 from .finetune import finetune_model
@@ -177,6 +178,9 @@ def profile(
     exclude: ExcludeOpt = None,
     attn_implementation: Annotated[Optional[str], typer.Option(help="Attention kernel for transformers "
                                                                "(eager, sdpa).")] = None,
+    saver: SaverOpt = None,
+    compile_model: CompileOpt = False,
+    compile_mode: CompileModeOpt = None,
     offline: OfflineOpt = False,
     check: Annotated[Optional[Path], typer.Option("--check", help="Then compare against this baseline report "
                                                   "(as `randbp check`): exit 1 on a regression.")] = None,
@@ -190,7 +194,8 @@ def profile(
                          methods=method or ["randomized"], budget_mib=budget_mib, batch_sizes=batch_size or [8],
                          seq_len=seq_len, device=device, dtype=dtype, steps=steps, warmup=warmup, seed=seed,
                          isolate=isolate, include=include, exclude=exclude, attn_implementation=attn_implementation,
-                         offline=offline).resolve()
+                         offline=offline, savers=list(saver or []), compile=compile_model,
+                         compile_mode=compile_mode).resolve()
     if output is not None:
         check_writable(output)
     if check is not None:  # a bad baseline should fail before minutes of profiling, not after
@@ -285,6 +290,9 @@ def finetune(
     label_column: LabelColumnOpt = "label",
     max_train_samples: MaxTrainOpt = None,
     max_eval_samples: MaxEvalOpt = None,
+    saver: SaverOpt = None,
+    compile_model: CompileOpt = False,
+    compile_mode: CompileModeOpt = None,
     offline: OfflineOpt = False,
     save_model: Annotated[Optional[Path], typer.Option(help="Write the fine-tuned model (safetensors) here.")] = None,
     backend: Annotated[str, typer.Option(help="Under torchrun: auto (NCCL on GPUs, gloo on CPUs), nccl or "
@@ -303,7 +311,8 @@ def finetune(
         rhos=list(rho or []), compare=compare, methods=method, sketch=sketch, include=include, exclude=exclude,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
         max_length=max_length, grad_accum=grad_accum, seed=seed, dtype=dtype, device=device,
-        save_model=None if save_model is None else str(save_model)).resolve()
+        save_model=None if save_model is None else str(save_model), savers=list(saver or []), compile=compile_model,
+        compile_mode=compile_mode).resolve()
     report, dist = _finetune_on_this_rank(plan, backend, output)
     interrupted = report.status == "interrupted"
     if not dist.is_main:  # rank 0 alone prints and writes
@@ -351,6 +360,9 @@ def variance(
     train_rho: Annotated[Optional[float], typer.Option(help="Train randomized at this rate (with --train-sketch); "
                                                             "default: exact training.")] = None,
     train_sketch: Annotated[str, typer.Option(help="Sketch used for training with --train-rho.")] = DEFAULT_SKETCH,
+    saver: Annotated[Optional[list[str]], typer.Option(
+        "--saver", help="Train with these activation savers (dropout, gelu:B); for gelu:B, also measure its "
+                        "gradient error on the real GELU inputs. Repeat for several.")] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     batch_size: BatchOpt = None,
@@ -377,7 +389,7 @@ def variance(
                        max_train_samples, max_eval_samples, offline),
         sketch=train_sketch, sketches=list(sketch or [DEFAULT_SKETCH]), rho=rho, repeats=repeats, layers=layer,
         steps=steps, every=every, train_rho=train_rho, include=include, exclude=exclude, batch_size=batch_size,
-        lr=lr, max_length=max_length, seed=seed, dtype=dtype, device=device).resolve()
+        lr=lr, max_length=max_length, seed=seed, dtype=dtype, device=device, savers=list(saver or [])).resolve()
     for path in (output, plot):
         if path is not None:
             check_writable(path)

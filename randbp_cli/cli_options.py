@@ -32,6 +32,16 @@ IncludeOpt = Annotated[Optional[list[str]], typer.Option(help="Only randomize li
                                                               "pattern (suffix, glob or re:REGEX); repeatable.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(help="Never randomize layers matching this pattern; "
                                                               "repeatable.")]
+SaverOpt = Annotated[Optional[list[str]], typer.Option(
+    "--saver", help="Also save activation memory beyond linear layers: dropout (exact: a seed instead of each "
+                    "mask; with eager attention also the attention-probability dropout), gelu:B (approximate: "
+                    "B = 1-4 bits per GELU input instead of the input). Repeat for several.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model, the same way for every "
+                                                           "method (the report records the mode).")]
+CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode with --compile: default, "
+                                                             "reduce-overhead, max-autotune, "
+                                                             "max-autotune-no-cudagraphs. [default: "
+                                                             "reduce-overhead on CUDA, default elsewhere]")]
 TolerancePeakOpt = Annotated[str, typer.Option(help="Allowed CUDA peak growth, e.g. 5% or 0.05.")]
 ToleranceTimeOpt = Annotated[Optional[str], typer.Option(help="Allowed step-time growth; without it time is "
                                                               "informational.")]

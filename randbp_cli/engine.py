@@ -3,7 +3,8 @@
 An `Engine` holds a model on its device, with its optimizer (and, optionally, a learning-rate
 schedule), and knows five things:
 
-  apply(method)      put the model into a `Method` (checkpointing, randomized layers)
+  apply(method)      put the model into a `Method` (checkpointing, randomized layers, savers),
+                     compiled with `torch.compile` when a compile mode is given
   forward/backward   one pass each, through the DistributedDataParallel wrapper when there is one
   optimizer_step()   step the optimizer (and the schedule), then drop the gradients
   probe(batch)       the bytes one forward saves for backward, and, in backward, the largest
@@ -57,34 +58,65 @@ class Probe:
 
 
 class Engine:
-    """A model on a device in one method at a time, and its optimizer."""
+    """A model on a device in one method at a time, and its optimizer.
+
+    Compiled (`compile` = a torch.compile mode), each method gets its own copy of the module
+    tree — sharing the very Parameter and buffer tensors, so one optimizer steps them all —
+    compiled once and kept: switching methods (profile's interleaved rounds) then costs a
+    dictionary lookup, not a recompilation. Saved bytes are still counted on the eager tree
+    (`probe`): the same layers, seen one saved tensor at a time.
+    """
 
     def __init__(self, model: nn.Module, device: torch.device, *, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, dist: Distributed = SINGLE, compile: str | None = None) -> None:
-        if compile is not None:
-            # NOTE: the extension point for torch.compile: `apply` would compile `self.runner` in this
-            # mode after each method change, the same for every method. Not implemented yet.
-            raise NotImplementedError(f"torch.compile (mode {compile!r}) is not implemented yet")
         self.model = model.to(device)
         self.model.train()
-        self.runner: nn.Module = self.model  # what forward goes through (a DDP wrapper with several ranks)
+        self.eager_runner: nn.Module = self.model  # a DDP wrapper with several ranks
+        self.runner: nn.Module = self.model  # what training steps go through: eager_runner, compiled or not
         self.device = device
         self.include, self.exclude = include, exclude
         self.dist = dist
+        self.compile = compile
+        self._base = self.model  # compiled: the plain tree every method's copy is made from
+        self._compiled: dict[Method, tuple[nn.Module, nn.Module, nn.Module]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
 
     def apply(self, method: Method) -> None:
         """Put the model into `method` (the same Parameters: an optimizer built earlier still fits)."""
+        if self.compile is not None:
+            if method not in self._compiled:
+                self._compiled[method] = self._compile(method)
+            self.model, self.eager_runner, self.runner = self._compiled[method]
+            return
         self.model = prepare_model(self.model, method, self.include, self.exclude)
-        self.runner = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+        self.eager_runner = self.runner = self._distributed(self.model, method)
 
-            # static_graph: reentrant checkpointing re-runs each layer in backward, which DDP's
-            # default gradient bookkeeping would see as the same parameter becoming ready twice
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.runner = DistributedDataParallel(self.model, device_ids=device_ids, static_graph=method.checkpoint)
+    def _distributed(self, model: nn.Module, method: Method) -> nn.Module:
+        if not self.dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # static_graph: reentrant checkpointing re-runs each layer in backward, which DDP's
+        # default gradient bookkeeping would see as the same parameter becoming ready twice
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, static_graph=method.checkpoint)
+
+    def _compile(self, method: Method) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(the method's own module tree, its DDP wrapper or itself, that compiled)."""
+        import copy
+
+        import torch._dynamo
+
+        shared = {id(t): t for t in (*self._base.parameters(), *self._base.buffers())}
+        tree = prepare_model(copy.deepcopy(self._base, memo=shared), method, self.include, self.exclude)
+        eager = self._distributed(tree, method)
+        # one compiled tree per method: let Dynamo keep an entry for each instead of falling back to eager
+        limit = 8 * (len(self._compiled) + 1)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
+                                                                8 * limit)
+        return tree, eager, torch.compile(eager, mode=self.compile)
 
     def use_optimizer(self, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -134,7 +166,7 @@ class Engine:
         """One forward counting the bytes saved for backward; with `backward`, the backward too,
         counting what each checkpointed unit saves while it is recomputed. Leaves the gradients."""
         with SavedTensorCounter(self.model, exclude=batch.values()) as counter:
-            loss = self.forward(batch)
+            loss = self.eager_runner(**batch).loss  # eager: a compiled graph saves out of the hooks' sight
         stats = counter.stats()
         units = checkpoint_units(self.model)
         recompute = None

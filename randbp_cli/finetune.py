@@ -109,7 +109,7 @@ def _start_run(plan: FinetunePlan, method: Method, inputs: TaskInputs, loaded: L
     converted = engine.converted
     record = FinetuneRun(
         name=method.label, method=method.name, rho=method.rho, sketch=method.sketch_name,
-        checkpointing=method.checkpoint, status="completed",
+        savers=list(method.savers) or None, checkpointing=method.checkpoint, status="completed",
         converted_layers={"count": len(converted), "names": converted},
         hyperparameters={"batch_size": batch_size, "global_batch_size": batch_size * dist.world_size
                          * config.grad_accum, "lr": lr, "epochs": epochs, "total_steps": total_steps,
@@ -249,7 +249,7 @@ def _summarize(record: FinetuneRun, spec: TaskSpec) -> None:
 
 
 def _compare_to_exact(runs: list[FinetuneRun]) -> None:
-    exact = next((r for r in runs if r.method == "exact"), None)
+    exact = next((r for r in runs if r.method == "exact" and not r.savers), None)
     if exact is None:
         return
     for run in runs:

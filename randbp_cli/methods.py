@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .convert import convert, restore
+from .savers import apply_savers
 from .errors import ConfigError
 from .sketches import DEFAULT_SKETCH, Sketch  # noqa: F401 - the one default, re-exported for the CLI and plans
 
@@ -34,22 +35,21 @@ def randomizes(name: str) -> bool:
     return _PARTS[check_method_name(name)][1]
 
 
-def method_label(method: str, rho: float | None, sketch: str | None) -> str:
-    """'exact', 'checkpoint', 'countsketch rho=0.1', 'checkpoint+countsketch rho=0.1' (from a report's fields)."""
+def method_label(method: str, rho: float | None, sketch: str | None, savers=()) -> str:
+    """'exact', 'checkpoint', 'countsketch rho=0.1', 'checkpoint+countsketch rho=0.1', and the
+    savers after it ('countsketch rho=0.1 +dropout +gelu:2'), from a report's fields."""
     if sketch is None or rho is None:
-        return method
-    what = f"{sketch} rho={rho:g}"
-    checkpointed = _PARTS.get(method, (False, False))[0]
-    return f"checkpoint+{what}" if checkpointed else what
+        label = method
+    else:
+        what = f"{sketch} rho={rho:g}"
+        label = f"checkpoint+{what}" if _PARTS.get(method, (False, False))[0] else what
+    return " ".join([label, *(f"+{name}" for name in savers or ())])
 
 
 @dataclass(frozen=True, eq=False)
 class Method:
-    """Activation checkpointing on or off; randomized linear layers (ρ and sketch) or exact ones.
-
-    `savers`: extra activation savers applied with the method (e.g. ("dropout", "gelu:2")).
-    NOTE: an extension point, not implemented yet: `prepare_model` refuses a non-empty one.
-    """
+    """Activation checkpointing on or off; randomized linear layers (ρ and sketch) or exact ones;
+    and the activation savers applied with them (`savers.py`, e.g. ("dropout", "gelu:2"))."""
 
     checkpoint: bool = False
     rho: float | None = None
@@ -61,10 +61,11 @@ class Method:
             raise ValueError("a randomized method needs both rho and sketch; an exact one neither")
 
     @classmethod
-    def named(cls, name: str, rho: float | None = None, sketch: Sketch | None = None) -> Method:
+    def named(cls, name: str, rho: float | None = None, sketch: Sketch | None = None, savers: tuple[str, ...] = ()
+              ) -> Method:
         """`Method.named("checkpoint+randomized", 0.1, CountSketch())`; ρ and sketch only for randomized ones."""
         checkpoint, randomized = _PARTS[check_method_name(name)]
-        return cls(checkpoint, rho, sketch) if randomized else cls(checkpoint)
+        return cls(checkpoint, rho, sketch, savers) if randomized else cls(checkpoint, savers=savers)
 
     @property
     def randomized(self) -> bool:
@@ -81,7 +82,7 @@ class Method:
 
     @property
     def label(self) -> str:
-        return method_label(self.name, self.rho, self.sketch_name)
+        return method_label(self.name, self.rho, self.sketch_name, self.savers)
 
     def _key(self) -> tuple:
         return self.checkpoint, self.rho, self.sketch_name, self.savers
@@ -112,10 +113,10 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
 def prepare_model(model: nn.Module, method: Method, include: Sequence[str] | None = None,
                   exclude: Sequence[str] | None = None) -> nn.Module:
     """Put `model` into `method` (whatever method it was in before); returns the model."""
-    if method.savers:
-        raise NotImplementedError(f"activation savers are not implemented yet (asked for {method.savers})")
     model = restore(model)
     set_checkpointing(model, method.checkpoint)
     if method.randomized:
         model = convert(model, method.rho, sketch=method.sketch, include=include, exclude=exclude)
+    if method.savers:
+        model = apply_savers(model, method.savers)
     return model

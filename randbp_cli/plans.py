@@ -18,6 +18,7 @@ import torch
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import ConfigError
 from .methods import DEFAULT_SKETCH, EXACT, METHOD_NAMES, Method, check_method_name, randomizes
+from .savers import parse_savers
 from .sketches import Sketch, check_rho, get_sketch
 from .tasks import TaskSpec, get_task
 
@@ -34,14 +35,40 @@ def _unique_sketches(names: Iterable[str]) -> list[Sketch]:
     return list(unique.values())
 
 
-def _runs(names: Iterable[str], rhos: Sequence[float], sketches: Sequence[Sketch]) -> list[Method]:
-    """The methods `names` asks for, in METHOD_NAMES order: one per sketch × ρ when randomized."""
+def _runs(names: Iterable[str], rhos: Sequence[float], sketches: Sequence[Sketch], savers: tuple[str, ...] = ()
+          ) -> list[Method]:
+    """The methods `names` asks for, in METHOD_NAMES order: one per sketch × ρ when randomized,
+    each with the savers."""
     methods: list[Method] = []
     for name in METHOD_NAMES:
         if name in names:
-            methods += ([Method.named(name, rho, sketch) for sketch in sketches for rho in rhos]
-                        if randomizes(name) else [Method.named(name)])
+            methods += ([Method.named(name, rho, sketch, savers) for sketch in sketches for rho in rhos]
+                        if randomizes(name) else [Method.named(name, savers=savers)])
     return methods
+
+
+def _savers(names: Sequence[str] | None) -> tuple[str, ...]:
+    """The --saver options checked and spelled the one way (e.g. ("dropout", "gelu:2"))."""
+    return tuple(str(spec) for spec in parse_savers(list(names or [])))
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(compile: bool, mode: str | None, device: torch.device) -> str | None:
+    """The torch.compile mode every method runs under, or None (eager).
+
+    Without --compile-mode: CUDA graphs on a GPU ("reduce-overhead": launches are what a
+    randomized step adds there), inductor's default elsewhere.
+    """
+    if not compile:
+        if mode is not None:
+            raise ConfigError(f"--compile-mode {mode} needs --compile")
+        return None
+    mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"unknown --compile-mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
 
 
 # ---------------------------------------------------------------------------- profile
@@ -79,6 +106,9 @@ class ProfileConfig:
     lr: float = 1e-5
     budget_mib: float | None = None  # find the largest batch whose activations fit this budget
     budget_max_batch: int = 1024
+    savers: list[str] = field(default_factory=list)  # applied with every method but the exact baseline
+    compile: bool = False  # torch.compile every case alike
+    compile_mode: str | None = None
 
     def resolve(self) -> ProfilePlan:
         """Check every option once; the plan `profile` runs (ConfigError/DeviceError otherwise)."""
@@ -94,9 +124,14 @@ class ProfileConfig:
             raise ConfigError("give at least one --sketch")
         self._check_sizes()
         dtype = resolve_dtype(self.dtype)
-        methods = _runs({"exact", *self.methods}, rhos, sketches)
+        savers = _savers(self.savers)
+        # the plain exact baseline first; with savers, the savers alone too (what they save by themselves)
+        names = {*self.methods, *(["exact"] if savers else [])}
+        methods = list(dict.fromkeys([EXACT, *_runs(names, rhos, sketches, savers)]))
         cases = tuple(ProfileCase(method, batch) for batch in dict.fromkeys(self.batch_sizes) for method in methods)
-        return ProfilePlan(copy.deepcopy(self), resolve_device(self.device), dtype, cases)
+        device = resolve_device(self.device)
+        return ProfilePlan(copy.deepcopy(self), device, dtype, cases,
+                           _compile_mode(self.compile, self.compile_mode, device))
 
     def _check_sizes(self) -> None:
         for batch in self.batch_sizes:
@@ -120,7 +155,7 @@ class ProfilePlan:
     device: torch.device
     dtype: torch.dtype
     cases: tuple[ProfileCase, ...]
-    compile: str | None = None  # NOTE: extension point, a torch.compile mode for every case (engine.py)
+    compile: str | None = None  # the torch.compile mode every case runs under (None: eager)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -182,6 +217,9 @@ class FinetuneConfig:
     synthetic_eval_size: int = 1000
     offline: bool = False
     save_model: str | None = None
+    savers: list[str] = field(default_factory=list)  # applied with every run but --compare's exact one
+    compile: bool = False  # torch.compile every run alike
+    compile_mode: str | None = None
 
     @property
     def custom_data(self) -> bool:
@@ -196,11 +234,10 @@ class FinetuneConfig:
         """Check every option once; the plan `finetune` runs: one method per run."""
         common, sketch = self._resolve_common()
         rhos = list(dict.fromkeys(float(rho) for rho in self.rhos))
-        if self.methods:
-            names = {*self.methods, *(["exact"] if self.compare else [])}
-        else:
-            names = {*(["exact"] if not rhos or self.compare else []), *(["randomized"] if rhos else [])}
-        return FinetunePlan(**common, methods=tuple(_runs(names, rhos, [sketch])))
+        asked = set(self.methods) if self.methods else {"randomized" if rhos else "exact"}
+        baseline = [EXACT] if self.compare else []  # --compare's exact run is the plain one
+        methods = dict.fromkeys([*baseline, *_runs(asked, rhos, [sketch], _savers(self.savers))])
+        return FinetunePlan(**common, methods=tuple(methods))
 
     def _resolve_common(self) -> tuple[dict, Sketch]:
         """The fields every training plan has, and the training sketch."""
@@ -213,8 +250,9 @@ class FinetuneConfig:
         dtype = resolve_dtype(self.dtype)
         self._check_numbers()
         task = None if self.custom_data else get_task(self.task)
-        return dict(config=copy.deepcopy(self), device=resolve_device(self.device), dtype=dtype,
-                    model_name=self.model_name(), task=task), sketch
+        device = resolve_device(self.device)
+        return dict(config=copy.deepcopy(self), device=device, dtype=dtype, model_name=self.model_name(), task=task,
+                    compile=_compile_mode(self.compile, self.compile_mode, device)), sketch
 
     def _check_numbers(self) -> None:
         positive = {"--epochs": self.epochs, "--max-steps": self.max_steps, "--batch-size": self.batch_size,
@@ -248,7 +286,9 @@ class VarianceConfig(FinetuneConfig):
         """Check every option once; the plan `variance` runs."""
         common, sketch = self._resolve_common()
         rho = check_rho(self.rho)
-        train = EXACT if self.train_rho is None else Method(rho=check_rho(self.train_rho), sketch=sketch)
+        savers = _savers(self.savers)
+        train = (Method(savers=savers) if self.train_rho is None
+                 else Method(rho=check_rho(self.train_rho), sketch=sketch, savers=savers))
         if not self.sketches:
             raise ConfigError("give at least one --sketch")
         sketches = tuple(get_sketch(name) for name in self.sketches)
@@ -270,7 +310,7 @@ class TrainingPlan:
     dtype: torch.dtype
     model_name: str
     task: TaskSpec | None  # None: the user's own files, whose labels decide the task
-    compile: str | None = None  # NOTE: extension point, a torch.compile mode for every method (engine.py)
+    compile: str | None = None  # the torch.compile mode every method runs under (None: eager)
 
     def optimizer(self, parameters, lr: float) -> torch.optim.Optimizer:
         """AdamW as Fairseq configures it for GLUE (docs/method.md §5): decay on every parameter."""

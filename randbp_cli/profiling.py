@@ -131,6 +131,7 @@ class _Profiler:
 def _case_result(case: ProfileCase, plan: ProfilePlan, model_name: str, measured: dict) -> ProfileResult:
     method, seq_len = case.method, plan.config.seq_len
     return ProfileResult(model=model_name, method=method.name, rho=method.rho, sketch=method.sketch_name,
+                         savers=list(method.savers) or None, compile=plan.compile,
                          batch_size=case.batch_size, seq_len=seq_len, tokens=case.batch_size * seq_len,
                          dtype=dtype_name(plan.dtype), device=plan.device.type, **measured)
 
@@ -220,14 +221,14 @@ def run_profile(config: ProfileConfig, progress: Progress | None = None) -> dict
 
 def _add_comparisons(results: list[ProfileResult]) -> None:
     """Saving vs exact, the docs/method.md §5 limit, and time ratio, each against the same batch size."""
-    exact = {r.batch_size: r for r in results if r.method == "exact"}
+    exact = {r.batch_size: r for r in results if r.method == "exact" and not r.savers}
     for r in results:
         base = exact.get(r.batch_size)
         if base is None:
             continue
         r.activation_saving_vs_exact = 1 - r.activation_bytes / base.activation_bytes
         r.activation_peak_saving_vs_exact = 1 - r.activation_peak_bytes / base.activation_peak_bytes
-        if r.method in ("exact", "randomized"):
+        if r.method in ("exact", "randomized") and not r.savers:
             linear_only = base.activation_bytes_by_kind["linear_inputs"]
             rho = 1.0 if r.rho is None else r.rho
             # the most sketching can save: every input kept only by linear layers shrinks to ρ of itself
@@ -235,9 +236,9 @@ def _add_comparisons(results: list[ProfileResult]) -> None:
         base_time = base.step_time_s["median"]
         r.time_ratio_vs_exact = (r.step_time_s["median"] / base_time) if base_time else None
     # what each part of checkpoint+randomized contributed, against plain checkpointing
-    checkpoint = {r.batch_size: r for r in results if r.method == "checkpoint"}
+    checkpoint = {(r.batch_size, tuple(r.savers or ())): r for r in results if r.method == "checkpoint"}
     for r in results:
-        ckpt, base = checkpoint.get(r.batch_size), exact.get(r.batch_size)
+        ckpt, base = checkpoint.get((r.batch_size, tuple(r.savers or ()))), exact.get(r.batch_size)
         if r.method != "checkpoint+randomized" or ckpt is None or base is None:
             continue
         r.contributions = {

@@ -56,19 +56,22 @@ def profile_table(report: ProfileReport) -> Table:
     show_cuda = any(r.cuda for r in results)
     show_nvml = any((r.nvml or {}).get("available") for r in results)
     show_peak = any(r.checkpointing for r in results)
+    show_savers = any(r.savers for r in results)
     budget = next((r.budget for r in results if r.budget), None)
     title = f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
     table = Table(title=title, caption=_profile_caption(report), title_justify="left")
-    columns = ["method", "ρ", "sketch", "batch", "seq", "activations MiB", "vs exact"]
+    columns = ["method", "ρ", "sketch", *(["savers"] if show_savers else []), "batch", "seq", "activations MiB",
+               "vs exact"]
     columns += ["act. peak MiB"] * show_peak + ["CUDA peak MiB"] * show_cuda + ["NVML peak MiB"] * show_nvml
     columns += ["step ms", "time × exact"]
     columns += [f"max batch ≤ {budget['budget_bytes'] / MiB:g} MiB"] if budget else []
     _columns(table, columns, left=("method", "sketch"))
     for r in results:
         saving = r.activation_saving_vs_exact
-        row = [r.method, "—" if r.rho is None else f"{r.rho:g}", r.sketch or "—", str(r.batch_size), str(r.seq_len),
-               _mib(r.activation_bytes),
-               "baseline" if r.method == "exact" else ("—" if saving is None else f"{-100 * saving:+.1f}%")]
+        baseline = r.method == "exact" and not r.savers
+        row = [r.method, "—" if r.rho is None else f"{r.rho:g}", r.sketch or "—",
+               *([", ".join(r.savers or []) or "—"] if show_savers else []), str(r.batch_size), str(r.seq_len),
+               _mib(r.activation_bytes), "baseline" if baseline else ("—" if saving is None else f"{-100 * saving:+.1f}%")]
         if show_peak:
             row.append(_mib(r.activation_bytes if r.activation_peak_bytes is None else r.activation_peak_bytes))
         if show_cuda:
@@ -80,7 +83,7 @@ def profile_table(report: ProfileReport) -> Table:
         if budget:
             found = r.budget
             row.append("" if not found else f"{found['max_batch_size']}{'+' if found['capped'] else ''}")
-        table.add_row(*row, style="bold" if r.method == "exact" else None)
+        table.add_row(*row, style="bold" if baseline else None)
     return table
 
 
@@ -89,6 +92,9 @@ def _profile_caption(report: ProfileReport) -> str:
     parts = [f"device {config.get('device', '?')} ({env.get('device_name', '?')})",
              f"dtype {config.get('dtype', '?')}",
              f"median of {config.get('steps', '?')} steps after {config.get('warmup', '?')} warm-up"]
+    modes = {r.compile for r in report.results if r.compile}
+    if modes:
+        parts.append(f"torch.compile mode {', '.join(sorted(modes))}")
     nvml = env.get("nvml") or {}
     if config.get("device", "cpu").startswith("cuda") and not nvml.get("available"):
         parts.append(f"NVML unavailable: {nvml.get('reason', 'unknown')}")
@@ -219,7 +225,30 @@ def tables_for(reports: list[Report]) -> list[Table]:
         return [profile_table(merge_profiles(reports))]
     if kind == "finetune":
         return [table for report in reports for table in finetune_tables(report)]
-    return [variance_table(report) for report in reports]
+    return [table for report in reports for table in variance_tables(report)]
+
+
+def variance_tables(report: VarianceReport) -> list[Table]:
+    """The variance table, and with a few-bit GELU the table of its gradient error beside it."""
+    return [variance_table(report)] + ([gelu_error_table(report)] if report.gelu_errors else [])
+
+
+def gelu_error_table(report: VarianceReport) -> Table:
+    """Per few-bit GELU module, over the measured steps: the b-bit derivative's relative error."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for e in report.gelu_errors or []:
+        groups.setdefault((e["layer"], e["bits"]), []).append(e)
+    table = Table(title="few-bit GELU: gradient error on the real GELU inputs", title_justify="left",
+                  caption="‖q(x) − GELU′(x)‖/‖GELU′(x)‖, weighted: of ∂L/∂x itself (upstream gradient ⊙); "
+                          "N(0,1): what the levels were fitted to")
+    _columns(table, ["layer", "bits", "steps", "relative error", "weighted (∂L/∂x)", "expected for N(0,1)"],
+             left=("layer",))
+    for (layer, bits), rows in groups.items():
+        weighted = [e["weighted_relative_error"] for e in rows if e["weighted_relative_error"] is not None]
+        table.add_row(layer, str(bits), str(len(rows)), _fmt(sum(e["relative_error"] for e in rows) / len(rows), 4),
+                      _fmt(sum(weighted) / len(weighted), 4) if weighted else "—",
+                      _fmt(rows[0]["normal_relative_rms_error"], 4))
+    return table
 
 
 def table_to_markdown(table: Table) -> str:

@@ -89,6 +89,8 @@ class ProfileResult(Record):
     method: str | None = None
     rho: float | None = None
     sketch: str | None = None
+    savers: list | None = None  # activation savers applied with the method (savers.py); left out when none
+    compile: str | None = None  # the torch.compile mode it ran under; left out when eager
     batch_size: int | None = None
     seq_len: int | None = None
     tokens: int | None = None
@@ -111,7 +113,8 @@ class ProfileResult(Record):
     time_ratio_vs_exact: float | None = None
     contributions: dict | None = None  # checkpoint+randomized: what each part saved
 
-    OMIT_IF_NONE = frozenset({"checkpointing", "budget", "activation_limit_bytes", "contributions"})
+    OMIT_IF_NONE = frozenset({"checkpointing", "budget", "activation_limit_bytes", "contributions", "savers",
+                              "compile"})
 
 
 @dataclass(kw_only=True)
@@ -135,6 +138,7 @@ class FinetuneRun(Record):
     method: str | None = None
     rho: float | None = None
     sketch: str | None = None
+    savers: list | None = None  # activation savers the run trained with; left out when none
     checkpointing: bool | None = None
     status: str | None = None  # completed or interrupted
     converted_layers: dict | None = None
@@ -150,7 +154,7 @@ class FinetuneRun(Record):
     save_error: str | None = None
     vs_exact: dict | None = None  # ratios to the exact run, when there is one
 
-    OMIT_IF_NONE = frozenset({"distributed", "saved_to", "save_error", "vs_exact"})
+    OMIT_IF_NONE = frozenset({"distributed", "saved_to", "save_error", "vs_exact", "savers"})
 
 
 @dataclass(kw_only=True)
@@ -178,7 +182,8 @@ class VarianceRecord(Record):
     sketch: str | None = None
     rho: float | None = None
     k: int | None = None
-    rows: int | None = None
+    rows: int | None = None  # rows the sketch sees (padding included)
+    real_rows: int | None = None  # non-padding rows: the SGD samples α and D²_SGD run over
     grad_norm: float | None = None
     alpha: float | None = None
     d2_sgd: float | None = None
@@ -216,11 +221,12 @@ class VarianceReport(Report):
     train_loss: dict | None = None  # step -> loss on the measured steps
     records: list[VarianceRecord] = field(default_factory=list)
     summary: list[VarianceSummary] = field(default_factory=list)
+    gelu_errors: list[dict] | None = None  # with a gelu:B saver: the b-bit derivative's error per step and module
     command: str | None = None
 
     SCHEMA, KIND, MAIN = VARIANCE_SCHEMA, "variance", "records"
     ROWS = {"records": VarianceRecord, "summary": VarianceSummary}
-    OMIT_IF_NONE = frozenset({"command"})
+    OMIT_IF_NONE = frozenset({"command", "gelu_errors"})
 
 
 REPORTS: dict[str, type[Report]] = {cls.SCHEMA: cls for cls in (ProfileReport, FinetuneReport, VarianceReport)}

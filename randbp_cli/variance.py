@@ -1,16 +1,22 @@
 """How much noise randomized backprop adds, next to the noise SGD already has (docs/method.md §2–3).
 
-For one linear layer on one batch, X (B × d_in) is its input and Y = ∂L/∂out (B × d_out), with
-B the number of rows the layer sees (all leading dims flattened: tokens, padding included, as
-the sketch sees them). Per-row gradients are gᵢ = yᵢxᵢᵀ and the exact weight gradient is
-G = YᵀX (the transpose of XᵀY; the same norm). We report
+For one linear layer on one batch, X (N × d_in) is its input and Y = ∂L/∂out (N × d_out), with
+N the number of rows the layer sees (all leading dims flattened: tokens, padding included).
+Per-row gradients are gᵢ = yᵢxᵢᵀ and the exact weight gradient is G = YᵀX (the transpose of
+XᵀY; the same norm). Padding rows have yᵢ = 0 (nothing downstream reads them), so they are no
+SGD samples: the mini-batch statistics run over the B real (non-padding) token rows, while
+the sketch, which cannot tell them apart, sees all N rows. We report
 
-  α        = ‖XᵀY‖² / (‖X‖²‖Y‖²) ∈ [0, 1]
-  D²_SGD   = (B·Σᵢ‖xᵢ‖²‖yᵢ‖² − ‖XᵀY‖²) / (B − 1)          mini-batch (row-sampling) variance
-  D²_RMM   = E‖(SᵀY)ᵀ(SᵀX) − G‖²_F, measured by applying the sketch `repeats` times to the same
-             X and Y (mean and its standard error) and from the sketch's closed form
+  α        = ‖XᵀY‖² / (‖X‖²‖Y‖²) ∈ [0, 1]            over the B real rows
+  D²_SGD   = (B·Σᵢ‖xᵢ‖²‖yᵢ‖² − ‖XᵀY‖²) / (B − 1)      mini-batch (row-sampling) variance, real rows
+  D²_RMM   = E‖(SᵀY)ᵀ(SᵀX) − G‖²_F over all N rows, k = round(ρ·N): measured by applying the
+             sketch `repeats` times to the same X and Y (mean and its standard error), and from
+             the sketch's closed form (padding rows add to it: their xᵢ collide with real yⱼ)
   ratio    = (k / (B − 1)) · D²_RMM / D²_SGD  (measured; `ratio_theory` from the closed form)
   bound    = (α + 1) / α                       (the paper's Theorem 1 upper bound, for Gaussian)
+
+With a `gelu:B` saver, the few-bit GELU's gradient error is measured on the same steps, on the
+real GELU inputs (and their upstream gradients) of real tokens: `gelu_errors`.
 
 `capture_linear_io` records X and Y of chosen layers for one forward/backward only, so the
 measurement costs memory only on measured steps and only for the layers asked for.
@@ -32,6 +38,7 @@ from .convert import name_matches
 from .data import load_model_and_task
 from .engine import Engine, TrainCallbacks
 from .errors import ConfigError
+from .gelu import FewBitGELU, gelu_gradient_error
 from .layers import draw_seed
 from .plans import VarianceConfig, VariancePlan
 from .report import VarianceRecord, VarianceReport, VarianceSummary, environment
@@ -46,10 +53,12 @@ class GradientStats:
     d2_sgd: float
 
 
-def gradient_stats(x: Tensor, y: Tensor) -> GradientStats:
-    """‖XᵀY‖, α and D²_SGD in float64 (docs/method.md §3)."""
+def gradient_stats(x: Tensor, y: Tensor, real: Tensor | None = None) -> GradientStats:
+    """‖XᵀY‖, α and D²_SGD in float64 (docs/method.md §3), over the rows `real` marks (all by default)."""
     x = x.reshape(-1, x.shape[-1]).double()
     y = y.reshape(-1, y.shape[-1]).double()
+    if real is not None:
+        x, y = x[real], y[real]
     rows = x.shape[0]
     if rows < 2:
         raise ConfigError("a batch of one row has no mini-batch variance (B − 1 = 0): use a larger batch")
@@ -84,16 +93,19 @@ def measure_rmm_variance(x: Tensor, y: Tensor, sketch: str | Sketch, k: int, rep
 
 
 def variance_record(x: Tensor, y: Tensor, *, layer: str, step: int, sketch: str | Sketch, rho: float,
-                    repeats: int, min_rows: int = 1, seed: int | None = None) -> VarianceRecord:
-    """One (step, layer, sketch) record of the `randbp.variance/1` report."""
+                    repeats: int, min_rows: int = 1, seed: int | None = None,
+                    real: Tensor | None = None) -> VarianceRecord:
+    """One (step, layer, sketch) record of the `randbp.variance/1` report; `real` marks the
+    non-padding rows (all rows by default)."""
     sketch = get_sketch(sketch)
-    stats = gradient_stats(x, y)
-    k = sketch_rows(stats.rows, rho, min_rows)
+    stats = gradient_stats(x, y, real)
+    rows = x.numel() // x.shape[-1]
+    k = sketch_rows(rows, rho, min_rows)
     measured, se = measure_rmm_variance(x, y, sketch, k, repeats, seed)
     theory = sketch.variance(x, y, k)
     scale = k / (stats.rows - 1)
     return VarianceRecord(
-        layer=layer, step=step, sketch=sketch.name, rho=rho, k=k, rows=stats.rows,
+        layer=layer, step=step, sketch=sketch.name, rho=rho, k=k, rows=rows, real_rows=stats.rows,
         grad_norm=stats.grad_norm, alpha=stats.alpha, d2_sgd=stats.d2_sgd,
         d2_rmm_measured=measured, d2_rmm_se=se, d2_rmm_theory=theory,
         ratio=scale * measured / stats.d2_sgd if stats.d2_sgd > 0 else None,
@@ -119,7 +131,7 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None) -> list[str]
 
 @contextmanager
 def capture_linear_io(model: nn.Module, layers: Iterable[str]):
-    """Record (X, Y) of each named layer during one forward/backward: yields {name: [X, Y]}."""
+    """Record (X, Y) of each named module during one forward/backward: yields {name: [X, Y]}."""
     captured: dict[str, list[Tensor | None]] = {}
     handles = []
 
@@ -142,11 +154,21 @@ def capture_linear_io(model: nn.Module, layers: Iterable[str]):
 # ---------------------------------------------------------------------------- the command
 
 
+def real_rows(x: Tensor, batch: dict) -> Tensor | None:
+    """Which of x's rows are real tokens: the attention mask, when x has one row per token."""
+    mask = batch.get("attention_mask")
+    if mask is None or tuple(x.shape[:-1]) != tuple(mask.shape):
+        return None  # pooled or otherwise per-example rows: all real
+    return mask.reshape(-1).bool()
+
+
 def _measure_step(plan: VariancePlan, engine: Engine, batch: dict, step: int,
-                  layers: list[str]) -> tuple[Tensor, list[VarianceRecord]]:
-    """A training forward and backward with every selected layer's X and Y captured and measured."""
+                  layers: list[str]) -> tuple[Tensor, list[VarianceRecord], list[dict]]:
+    """A training forward and backward with every selected layer's X and Y captured and measured
+    (and each few-bit GELU's input and upstream gradient)."""
     config = plan.config
-    with capture_linear_io(engine.model, layers) as captured:
+    gelus = few_bit_gelus(engine.model)
+    with capture_linear_io(engine.model, layers) as captured, capture_linear_io(engine.model, gelus) as gelu_io:
         loss = engine.forward(batch)
         engine.backward(loss)
     records = []
@@ -158,16 +180,37 @@ def _measure_step(plan: VariancePlan, engine: Engine, batch: dict, step: int,
             # its own seed stream: measuring never touches the RNG training draws from
             stream = ((config.seed * 1_000_003 + step) * 10_007 + layer_index) * 101 + sketch_index
             records.append(variance_record(x, y, layer=name, step=step, sketch=sketch, rho=plan.rho,
-                                           repeats=config.repeats, seed=stream))
-    return loss, records
+                                           repeats=config.repeats, seed=stream, real=real_rows(x, batch)))
+    return loss, records, _gelu_errors(engine.model, gelus, gelu_io, batch, step)
+
+
+def few_bit_gelus(model: nn.Module) -> list[str]:
+    """Names of the few-bit GELU modules a `gelu:B` saver put in the model."""
+    return [name for name, module in model.named_modules() if isinstance(module, FewBitGELU)]
+
+
+def _gelu_errors(model: nn.Module, names: list[str], captured: dict, batch: dict, step: int) -> list[dict]:
+    """The b-bit derivative's error on this step's real GELU inputs, per GELU module."""
+    errors = []
+    for name in names:
+        x, grad = captured.get(name, (None, None))
+        if x is None:
+            continue
+        real = real_rows(x, batch)
+        x2, g2 = x.reshape(-1, x.shape[-1]), None if grad is None else grad.reshape(-1, grad.shape[-1])
+        if real is not None:
+            x2, g2 = x2[real], None if g2 is None else g2[real]
+        errors.append({"step": step, "layer": name, **gelu_gradient_error(x2, model.get_submodule(name).bits, g2)})
+    return errors
 
 
 def _train_and_measure(plan: VariancePlan, engine: Engine, loader, layers: list[str],
-                       callbacks: TrainCallbacks) -> tuple[list[VarianceRecord], dict[int, float], str]:
+                       callbacks: TrainCallbacks) -> tuple[list[VarianceRecord], list[dict], dict[int, float], str]:
     """`steps` training steps, measuring every `every` (the last one measured, not trained)."""
     config = plan.config
     measured_steps = set(range(0, config.steps + 1, config.every))
     records: list[VarianceRecord] = []
+    gelu_errors: list[dict] = []
     losses: dict[int, float] = {}
     batches = iter(loader)
     torch.manual_seed(config.seed)
@@ -179,8 +222,9 @@ def _train_and_measure(plan: VariancePlan, engine: Engine, loader, layers: list[
             batch = next(batches)
         batch = engine.to_device(batch)
         if step in measured_steps:
-            loss, measured = _measure_step(plan, engine, batch, step, layers)
+            loss, measured, gelu_measured = _measure_step(plan, engine, batch, step, layers)
             records += measured
+            gelu_errors += gelu_measured
             losses[step] = loss.item()
         else:
             loss = engine.forward(batch)
@@ -191,8 +235,8 @@ def _train_and_measure(plan: VariancePlan, engine: Engine, loader, layers: list[
         if callbacks.on_step:
             callbacks.on_step("variance", step + 1, loss.item(), engine.scheduler.get_last_lr()[0])
         if callbacks.should_stop():
-            return records, losses, "interrupted"
-    return records, losses, "completed"
+            return records, gelu_errors, losses, "interrupted"
+    return records, gelu_errors, losses, "completed"
 
 
 def measure_variance(plan: VariancePlan, callbacks: TrainCallbacks | None = None) -> VarianceReport:
@@ -214,13 +258,13 @@ def measure_variance(plan: VariancePlan, callbacks: TrainCallbacks | None = None
     engine.use_optimizer(optimizer, plan.scheduler(optimizer, max(config.steps, 1)))
     if callbacks.on_run_start:
         callbacks.on_run_start("variance", config.steps)
-    records, losses, status = _train_and_measure(plan, engine, loader, layers, callbacks)
+    records, gelu_errors, losses, status = _train_and_measure(plan, engine, loader, layers, callbacks)
     return VarianceReport(
         status=status, environment=environment(plan.device),
         config=plan.config_record(batch_size=batch_size, lr=lr), task=inputs.data.describe(),
         model={**loaded.describe(), "tokenizer": inputs.tokenizer_info, "trained_with": plan.train_method.label},
         layers=layers, train_loss={str(k): v for k, v in losses.items()}, records=records,
-        summary=summarize(records))
+        summary=summarize(records), gelu_errors=gelu_errors or None)
 
 
 def run_variance(config: VarianceConfig, callbacks: TrainCallbacks | None = None) -> dict:

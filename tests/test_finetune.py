@@ -191,3 +191,17 @@ def test_checkpoint_methods_side_by_side():
 def test_randomized_method_needs_rho():
     result = _finetune(["--task", "synthetic", "--method", "checkpoint+randomized"])
     assert result.exit_code == 2 and "needs at least one --rho" in result.stderr
+
+
+def test_savers_beside_a_plain_exact_run():
+    result = runner.invoke(app, ["finetune", *TINY, "--task", "synthetic", "--max-train-samples", "64",
+                                 "--max-eval-samples", "16", "--batch-size", "8", "--method", "exact", "--rho", "0.5",
+                                 "--method", "randomized", "--compare", "--saver", "dropout", "--saver", "gelu:2",
+                                 "--max-steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.stdout)["runs"]
+    assert [(r["name"], r.get("savers")) for r in runs] == [
+        ("exact", None), ("exact +dropout +gelu:2", ["dropout", "gelu:2"]),
+        (f"{DEFAULT_SKETCH} rho=0.5 +dropout +gelu:2", ["dropout", "gelu:2"])]
+    assert runs[1]["memory"]["activation_bytes_by_kind"]["gelu_codes"] > 0
+    assert runs[1]["vs_exact"]["activation_bytes"] < 1  # against the plain exact run

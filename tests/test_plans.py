@@ -1,5 +1,5 @@
 """Options resolve once into frozen plans: methods as values, devices and dtypes parsed by one
-parser, and the extension points (compile, savers) refusing until they are built."""
+parser, savers and torch.compile carried by the plan to every method alike."""
 
 import dataclasses
 
@@ -75,8 +75,76 @@ def test_one_device_and_dtype_parser():
             resolve_device("cuda:1")
 
 
-def test_extension_points_refuse_until_built(tiny_roberta):
-    with pytest.raises(NotImplementedError, match="savers"):
-        prepare_model(tiny_roberta, Method(savers=("dropout",)))
-    with pytest.raises(NotImplementedError, match="torch.compile"):
-        Engine(tiny_roberta, torch.device("cpu"), compile="max-autotune")
+def test_prepare_model_applies_the_savers_with_the_method(tiny_roberta):
+    from randbp_cli import converted_names, saver_names
+    from randbp_cli.sketches import get_sketch
+
+    model = prepare_model(tiny_roberta, Method(rho=0.5, sketch=get_sketch("countsketch"), savers=("dropout",)))
+    assert saver_names(model) == ["dropout"] and converted_names(model)
+    model = prepare_model(model, Method())
+    assert saver_names(model) == [] and not converted_names(model)
+
+
+@pytest.fixture
+def quick_compile(monkeypatch):
+    """torch.compile through aot_eager: the same Dynamo and AOTAutograd tracing, no code generation."""
+    calls = []
+    real = torch.compile
+
+    def compile_(module, mode=None, **kwargs):
+        calls.append(mode)
+        return real(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    yield calls
+    torch._dynamo.reset()
+
+
+def test_compiled_engine_keeps_one_compiled_tree_per_method_sharing_the_parameters(tiny_roberta, quick_compile):
+    from conftest import tiny_batch
+    from randbp_cli.sketches import get_sketch
+
+    engine = Engine(tiny_roberta, torch.device("cpu"), compile="default")
+    engine.use_optimizer(torch.optim.SGD(engine.model.parameters(), lr=0.1))
+    randomized = Method(rho=0.5, sketch=get_sketch("balanced"))
+    batch = tiny_batch(tiny_roberta)
+    engine.apply(randomized)
+    first = engine.runner
+    before = next(tiny_roberta.parameters()).detach().clone()
+    engine.step(batch)  # trains the shared parameters through the compiled tree
+    assert not torch.equal(next(tiny_roberta.parameters()), before)
+    engine.apply(Method())
+    assert engine.runner is not first and not engine.converted
+    engine.step(batch)
+    engine.apply(randomized)
+    assert engine.runner is first and engine.converted  # compiled once, then reused
+    assert quick_compile == ["default", "default"]
+    assert {id(p) for p in engine.model.parameters()} == {id(p) for p in tiny_roberta.parameters()}
+
+
+
+def test_savers_go_with_every_method_but_the_plain_baselines():
+    plan = ProfileConfig(model="roberta-tiny", rhos=[0.1], sketches=["countsketch"], savers=["gelu:2", "dropout"],
+                         device="cpu").resolve()
+    assert [case.method.label for case in plan.cases] == [
+        "exact", "exact +gelu:2 +dropout", "countsketch rho=0.1 +gelu:2 +dropout"]
+    runs = FinetuneConfig(task="synthetic", rhos=[0.1], compare=True, savers=["dropout"], device="cpu").resolve()
+    assert [m.label for m in runs.methods] == ["exact", "balanced rho=0.1 +dropout"]
+    alone = FinetuneConfig(task="synthetic", methods=["exact"], compare=True, savers=["dropout"], device="cpu").resolve()
+    assert [m.label for m in alone.methods] == ["exact", "exact +dropout"]
+    variance = VarianceConfig(task="synthetic", train_rho=0.5, savers=["gelu:3"], device="cpu").resolve()
+    assert variance.train_method.label == "balanced rho=0.5 +gelu:3"
+    for bad, message in [(["gelu:9"], "bit count"), (["nope"], "unknown saver"), (["dropout", "dropout"], "twice")]:
+        with pytest.raises(ConfigError, match=message):
+            ProfileConfig(savers=bad, device="cpu").resolve()
+
+
+def test_compile_mode_resolves_by_device():
+    assert ProfileConfig(device="cpu").resolve().compile is None
+    assert ProfileConfig(device="cpu", compile=True).resolve().compile == "default"
+    assert FinetuneConfig(task="synthetic", device="cpu", compile=True, compile_mode="max-autotune").resolve().compile \
+        == "max-autotune"
+    with pytest.raises(ConfigError, match="needs --compile"):
+        ProfileConfig(device="cpu", compile_mode="default").resolve()
+    with pytest.raises(ConfigError, match="unknown --compile-mode"):
+        ProfileConfig(device="cpu", compile=True, compile_mode="fast").resolve()

@@ -219,3 +219,45 @@ def test_unknown_attention_implementation():
     result = _invoke(["profile", *TINY, "--attn-implementation", "warp-speed"])
     assert result.exit_code == 2, result.output
     assert "warp-speed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_savers_measured_alone_and_with_the_sketch():
+    result = _invoke(["profile", *TINY, "-b", "2", "--rho", "0.5", "--sketch", "countsketch", "--attn-implementation",
+                      "eager", "--saver", "dropout", "--saver", "gelu:2", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["savers"] == ["dropout", "gelu:2"]
+    cases = [(r["method"], r["sketch"], r.get("savers")) for r in report["results"]]
+    assert cases == [("exact", None, None), ("exact", None, ["dropout", "gelu:2"]),
+                     ("randomized", "countsketch", ["dropout", "gelu:2"])]
+    exact, alone, both = report["results"]
+    assert exact["activation_saving_vs_exact"] == 0.0
+    assert 0 < alone["activation_saving_vs_exact"] < both["activation_saving_vs_exact"]
+    for kind in ("dropout_seeds", "gelu_codes", "attention_probs"):
+        assert kind in both["activation_bytes_by_kind"] and kind not in exact["activation_bytes_by_kind"]
+    assert both["activation_bytes_by_kind"]["gelu_codes"] > 0 and both["activation_bytes_by_kind"]["sketches"] > 0
+    assert "activation_limit_bytes" not in both  # the sketch-only limit says nothing about savers
+    table = _invoke(["profile", *TINY, "-b", "2", "--rho", "0.5", "--saver", "gelu:1", "--device", "cpu"])
+    assert table.exit_code == 0 and "gelu:1" in table.stdout
+
+
+def test_compile_runs_every_case_compiled_and_says_so(monkeypatch):
+    real, modes = torch.compile, []
+
+    def quick(module, mode=None, **kwargs):  # Dynamo and AOTAutograd as inductor would see them, no codegen
+        modes.append(mode)
+        return real(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", quick)
+    try:
+        result = _invoke(["profile", *TINY, "-b", "2", "--rho", "0.5", "--steps", "2", "--compile", "--device", "cpu",
+                          "--json"])
+    finally:
+        torch._dynamo.reset()
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert modes == ["default", "default"]  # exact and randomized, each compiled once
+    assert report["config"]["compile"] is True and all(r["compile"] == "default" for r in report["results"])
+    exact, randomized = report["results"]
+    assert randomized["activation_bytes"] < exact["activation_bytes"]  # counted on the eager tree, as always
+    assert _invoke(["profile", "--compile-mode", "default", "--device", "cpu"]).exit_code == 2

@@ -11,9 +11,8 @@ from typer.testing import CliRunner
 from randbp_cli import RandomizedLinear
 from randbp_cli.cli import app
 from randbp_cli.errors import ConfigError
-from randbp_cli.sketches import get_sketch, sketch_names
-from randbp_cli.variance import capture_linear_io, gradient_stats, measure_rmm_variance, variance_record
-from randbp_cli.sketches import DEFAULT_SKETCH
+from randbp_cli.sketches import DEFAULT_SKETCH, get_sketch, sketch_names
+from randbp_cli.variance import capture_linear_io, gradient_stats, measure_rmm_variance, real_rows, variance_record
 
 runner = CliRunner()
 
@@ -160,3 +159,44 @@ def test_measuring_does_not_change_the_training_it_measures():
     (few, measured_few), (many, _) = losses(2), losses(6)
     assert few == many
     assert measured_few == losses(2)[1]  # and the measurement itself is reproducible
+
+
+def test_padding_rows_are_not_sgd_samples():
+    """Padding rows have a zero output gradient: D²_SGD and α run over the real rows only, while
+    the sketch (and D²_RMM) sees every row, as training does."""
+    x, y = _xy(rows=12)
+    mask = torch.tensor([[1] * 5 + [0] * 1, [1] * 3 + [0] * 3])  # 2 sequences × 6 tokens, 4 padding
+    y = y * mask.reshape(-1, 1)  # what a real model gives: nothing reads a padding row
+    x3, y3 = x.reshape(2, 6, -1), y.reshape(2, 6, -1)
+    real = real_rows(x3, {"attention_mask": mask})
+    assert real.tolist() == mask.reshape(-1).bool().tolist()
+    record = variance_record(x3, y3, layer="fc", step=0, sketch="countsketch", rho=0.5, repeats=8, seed=0, real=real)
+    assert (record.rows, record.real_rows, record.k) == (12, 8, 6)
+    assert record.d2_sgd == pytest.approx(d2_sgd_brute_force(x[real], y[real]), rel=1e-10)
+    assert record.d2_rmm_theory == pytest.approx(get_sketch("countsketch").variance(x, y, 6), rel=1e-12)
+    assert record.ratio_theory == pytest.approx(6 / 7 * record.d2_rmm_theory / record.d2_sgd, rel=1e-12)
+    assert real_rows(torch.zeros(2, 5), {"attention_mask": mask}) is None  # pooled rows: all real
+
+
+def test_few_bit_gelu_error_is_reported_next_to_the_variance(tmp_path):
+    result = runner.invoke(app, ["variance", *TINY, "--layer", "intermediate.dense", "--sketch", "countsketch",
+                                 "--repeats", "4", "--steps", "1", "--saver", "gelu:2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    errors = report["gelu_errors"]
+    assert {e["layer"] for e in errors} == {"roberta.encoder.layer.0.intermediate.intermediate_act_fn",
+                                           "roberta.encoder.layer.1.intermediate.intermediate_act_fn"}
+    assert {e["step"] for e in errors} == {0, 1} and all(e["bits"] == 2 for e in errors)
+    assert all(0 < e["relative_error"] < 0.5 and 0 < e["weighted_relative_error"] < 1 for e in errors)
+    assert report["model"]["trained_with"] == "exact +gelu:2"
+    table = runner.invoke(app, ["variance", *TINY, "--layer", "intermediate.dense", "--repeats", "4",
+                                "--saver", "gelu:1"])
+    assert table.exit_code == 0 and "few-bit GELU: gradient error" in table.stdout
+
+
+@pytest.mark.parametrize("bad, message", [("gelu:0", "bit count"), ("gelu:9", "bit count"), ("swish", "unknown saver")])
+def test_bad_saver_names_are_one_line_and_exit_2(bad, message):
+    for command in (["variance", *TINY], ["finetune", *TINY], ["profile", "--model", "roberta-tiny"]):
+        result = runner.invoke(app, [*command, "--saver", bad, "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
