@@ -4,7 +4,7 @@
 for backward during a forward pass passes through `torch.autograd.graph.saved_tensors_hooks`;
 we count each underlying storage once (keyed by its data pointer: a view and its base, or
 the same tensor saved by Q, K and V, cost one storage), and skip storages that belong to the
-model's parameters and buffers or to the model inputs (METHOD §4.6). The counter attributes
+model's parameters and buffers or to the model inputs (docs/method.md §4.6). The counter attributes
 each storage to the innermost module running when it was first saved, and sorts it into:
 
   linear_inputs         saved only by exact nn.Linear layers: what sketching can shrink

@@ -125,9 +125,12 @@ class ProfileConfig:
         self._check_sizes()
         dtype = resolve_dtype(self.dtype)
         savers = _savers(self.savers)
-        # the plain exact baseline first; with savers, the savers alone too (what they save by themselves)
-        names = {*self.methods, *(["exact"] if savers else [])}
-        methods = list(dict.fromkeys([EXACT, *_runs(names, rhos, sketches, savers)]))
+        # each method plain and, with savers, with them (exact too): every contribution shows
+        methods = [EXACT]
+        for name in METHOD_NAMES:
+            if name in self.methods or name == "exact":
+                methods += _runs({name}, rhos, sketches) + (_runs({name}, rhos, sketches, savers) if savers else [])
+        methods = list(dict.fromkeys(methods))
         cases = tuple(ProfileCase(method, batch) for batch in dict.fromkeys(self.batch_sizes) for method in methods)
         device = resolve_device(self.device)
         return ProfilePlan(copy.deepcopy(self), device, dtype, cases,

@@ -1,4 +1,4 @@
-"""Random sketches S ∈ R^{N×k} along the token dimension, with E[S Sᵀ] = I (METHOD §2).
+"""Random sketches S ∈ R^{N×k} along the token dimension, with E[S Sᵀ] = I (docs/method.md §2).
 
 A sketch is never stored. The forward pass calls `compress(x, k, seed)` and keeps what it
 returns (the first tensor is always Sᵀx, k × d_in); the backward pass calls
@@ -17,7 +17,7 @@ bits of it matter. The other sketches build S in the input's dtype and on its de
 uses only the low 32 bits of its seed (a CUDA one all 64), so on a CPU two calls share S
 with probability 2⁻³² rather than 2⁻⁶².
 
-`variance(x, y, k)` is the closed form of E‖Ĝ − G‖²_F for G = xᵀy (METHOD §2): what
+`variance(x, y, k)` is the closed form of E‖Ĝ − G‖²_F for G = xᵀy (docs/method.md §2): what
 `randbp variance` compares against the Monte-Carlo measurement.
 """
 
@@ -40,7 +40,7 @@ DENSE_BLOCK_ELEMENTS = 1 << 22
 
 
 def sketch_rows(n_rows: int, rho: float, min_rows: int = 1) -> int:
-    """k = round(ρ·N), clamped to [min_rows, N] (METHOD §4.4: never 0, never above N)."""
+    """k = round(ρ·N), clamped to [min_rows, N] (docs/method.md §4.4: never 0, never above N)."""
     return max(0, min(n_rows, max(min_rows, round(rho * n_rows))))
 
 
@@ -278,7 +278,7 @@ class SRHTSketch(Sketch):
     D flips the sign of each token row at random, H is the orthonormal Walsh–Hadamard transform
     along tokens (rows zero-padded to n, the next power of two), and R keeps k of the n
     transformed rows, uniformly without replacement. E[RᵀR] = (k/n)·I, so E[S Sᵀ] = D Hᵀ H D = I.
-    The scale is √(n/k) — the reference implementation's DCT was k² off here (METHOD §4.5).
+    The scale is √(n/k) — the reference implementation's DCT was k² off here (docs/method.md §4.5).
     Cost O(N·d·log N).
     """
 

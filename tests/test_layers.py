@@ -90,7 +90,7 @@ def test_fresh_sketch_every_call_and_reproducible_under_manual_seed():
 
     torch.manual_seed(123)
     first, second = weight_grad(), weight_grad()
-    assert not torch.equal(first, second)  # a new S for each call (METHOD §4.1)
+    assert not torch.equal(first, second)  # a new S for each call (docs/method.md §4.1)
     torch.manual_seed(123)
     assert torch.equal(weight_grad(), first)  # bit for bit
     assert torch.equal(weight_grad(), second)
@@ -192,7 +192,7 @@ def test_shared_input_costs_one_sketch_in_bytes():
         sizes[share] = counter.stats().by_kind["sketches"]
     one_sketch = 8 * 8 * 4  # k = 8 of 16 rows, 8 features, fp32
     assert sizes[True] == one_sketch
-    assert sizes[False] == 3 * one_sketch  # METHOD §4.7: 3ρ of the input without sharing
+    assert sizes[False] == 3 * one_sketch  # docs/method.md §4.7: 3ρ of the input without sharing
 
 
 def test_shared_sketch_gradients_stay_unbiased_and_fresh_per_step():

@@ -124,10 +124,11 @@ def test_compiled_engine_keeps_one_compiled_tree_per_method_sharing_the_paramete
 
 
 def test_savers_go_with_every_method_but_the_plain_baselines():
+    """profile shows every method plain and with the savers; finetune's --compare run stays plain."""
     plan = ProfileConfig(model="roberta-tiny", rhos=[0.1], sketches=["countsketch"], savers=["gelu:2", "dropout"],
                          device="cpu").resolve()
     assert [case.method.label for case in plan.cases] == [
-        "exact", "exact +gelu:2 +dropout", "countsketch rho=0.1 +gelu:2 +dropout"]
+        "exact", "exact +gelu:2 +dropout", "countsketch rho=0.1", "countsketch rho=0.1 +gelu:2 +dropout"]
     runs = FinetuneConfig(task="synthetic", rhos=[0.1], compare=True, savers=["dropout"], device="cpu").resolve()
     assert [m.label for m in runs.methods] == ["exact", "balanced rho=0.1 +dropout"]
     alone = FinetuneConfig(task="synthetic", methods=["exact"], compare=True, savers=["dropout"], device="cpu").resolve()

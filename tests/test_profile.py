@@ -228,11 +228,13 @@ def test_savers_measured_alone_and_with_the_sketch():
     report = json.loads(result.stdout)
     assert report["config"]["savers"] == ["dropout", "gelu:2"]
     cases = [(r["method"], r["sketch"], r.get("savers")) for r in report["results"]]
-    assert cases == [("exact", None, None), ("exact", None, ["dropout", "gelu:2"]),
+    assert cases == [("exact", None, None), ("exact", None, ["dropout", "gelu:2"]), ("randomized", "countsketch", None),
                      ("randomized", "countsketch", ["dropout", "gelu:2"])]
-    exact, alone, both = report["results"]
+    exact, alone, sketched, both = report["results"]
     assert exact["activation_saving_vs_exact"] == 0.0
     assert 0 < alone["activation_saving_vs_exact"] < both["activation_saving_vs_exact"]
+    assert 0 < sketched["activation_saving_vs_exact"] < both["activation_saving_vs_exact"]
+    assert "activation_limit_bytes" in sketched
     for kind in ("dropout_seeds", "gelu_codes", "attention_probs"):
         assert kind in both["activation_bytes_by_kind"] and kind not in exact["activation_bytes_by_kind"]
     assert both["activation_bytes_by_kind"]["gelu_codes"] > 0 and both["activation_bytes_by_kind"]["sketches"] > 0

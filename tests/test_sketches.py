@@ -91,7 +91,7 @@ def test_variance_matches_closed_form(name):
 
 
 def test_variance_formulas_differ_as_derived():
-    """Gaussian: (‖X‖²‖Y‖² + ‖XᵀY‖²)/k (plus sign, METHOD §2); sign sketches subtract 2Σ‖xᵢ‖²‖yᵢ‖²."""
+    """Gaussian: (‖X‖²‖Y‖² + ‖XᵀY‖²)/k (plus sign, docs/method.md §2); sign sketches subtract 2Σ‖xᵢ‖²‖yᵢ‖²."""
     x, y = _xy()
     k = 3
     xy = float(x.square().sum() * y.square().sum())
@@ -103,7 +103,7 @@ def test_variance_formulas_differ_as_derived():
 
 
 class _MisScaled(GaussianSketch):
-    """The kind of scaling bug METHOD §4.5 warns about: every estimate 10% too large."""
+    """The kind of scaling bug docs/method.md §4.5 warns about: every estimate 10% too large."""
 
     name = "misscaled"
 
@@ -146,7 +146,7 @@ def test_dense_sketch_blocks_do_not_change_the_distribution(monkeypatch):
 
 
 @pytest.mark.parametrize("n, rho, min_rows, expected", [
-    (8, 0.1, 1, 1),      # int(0.1 * 8) == 0 was the reference's bug (METHOD §4.4)
+    (8, 0.1, 1, 1),      # int(0.1 * 8) == 0 was the reference's bug (docs/method.md §4.4)
     (4, 0.1, 1, 1),
     (1000, 0.2, 1, 200),
     (1024, 0.5, 1, 512),
