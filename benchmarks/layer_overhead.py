@@ -134,7 +134,7 @@ def measure(args, device, dtype) -> dict:
     if not args.fused_on_cpu:
         tiny = make_layers(64, 64, args.rho, device, dtype)
         steps = {name: step_fn(layer, 64, 64, 64, device, dtype) for name, layer in tiny.items()}
-        medians = interleaved_medians(steps, device, args.repeats, 200)
+        medians = interleaved_medians(steps, device, args.repeats, args.host_iterations)
         host = [{"layer": name, "host_us": 1e6 * seconds, "host_us_vs_exact": 1e6 * (seconds - medians["exact"])}
                 for name, seconds in medians.items()]
         print(f"\nhost µs per step at 64 tokens, 64 -> 64 ({device.type}):")
@@ -162,6 +162,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--iterations", type=int, default=5, help="steps per timing sample")
+    parser.add_argument("--host-iterations", type=int, default=200, help="steps per host-µs sample")
     parser.add_argument("--fused-on-cpu", action="store_true", help="op counts of the fused kernel's path "
                         "(needs TRITON_INTERPRET=1); no timing")
     parser.add_argument("-o", "--output", default=None)

@@ -72,7 +72,15 @@ class SketchPlan:
     token: int = field(default_factory=lambda: next(_plan_tokens))
 
     def rows(self, n_rows: int) -> int:
-        return sketch_rows(n_rows, self.rho, self.min_rows)
+        # NOTE: ρ is read back from its text so torch.compile sees a constant. A float attribute
+        # that differs between two compilations of one function (two models at different ρ, as
+        # `profile --compile` makes) turns symbolic, and k = round(ρ·N) derived from it cannot be
+        # passed into the autograd Function's traced graph. Strings are always specialised.
+        return sketch_rows(n_rows, float(self.rho_text), self.min_rows)
+
+    @property
+    def rho_text(self) -> str:
+        return repr(self.rho)
 
     def key(self, k: int, dtype: torch.dtype, rng_only: bool = False) -> tuple:
         return (self.sketch.name, k, dtype, rng_only)

@@ -37,7 +37,8 @@ PY
 fi
 
 if [ "$quick" = 1 ]; then  # the dry run: tiny model, one step, the same commands
-  model=roberta-tiny; steps=(--steps 1 --warmup 0); sizes128=(-b 2); big=2; seq=16; seqlong=32; tokens=(256)
+  model=roberta-tiny; steps=(--steps 1 --warmup 0); sizes128=(-b 2); big=2; seq=16; seqlong=32
+  tokens=(256 --repeats 1 --iterations 1 --host-iterations 2)
   finetune_extra=(--max-steps 4 --max-train-samples 64 --max-eval-samples 32)
 else
   finetune_extra=()

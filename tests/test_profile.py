@@ -252,14 +252,14 @@ def test_compile_runs_every_case_compiled_and_says_so(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", quick)
     try:
-        result = _invoke(["profile", *TINY, "-b", "2", "--rho", "0.5", "--steps", "2", "--compile", "--device", "cpu",
-                          "--json"])
+        result = _invoke(["profile", *TINY, "-b", "2", "--rho", "0.5", "--rho", "0.1", "--steps", "2", "--compile",
+                          "--device", "cpu", "--json"])
     finally:
         torch._dynamo.reset()
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert modes == ["default", "default"]  # exact and randomized, each compiled once
+    assert modes == ["default"] * 3  # exact and each ρ (two ρ: one function compiled at two values), once each
     assert report["config"]["compile"] is True and all(r["compile"] == "default" for r in report["results"])
-    exact, randomized = report["results"]
-    assert randomized["activation_bytes"] < exact["activation_bytes"]  # counted on the eager tree, as always
+    exact, half, tenth = report["results"]
+    assert tenth["activation_bytes"] < half["activation_bytes"] < exact["activation_bytes"]  # counted eagerly
     assert _invoke(["profile", "--compile-mode", "default", "--device", "cpu"]).exit_code == 2
