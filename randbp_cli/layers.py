@@ -61,26 +61,25 @@ _plan_tokens = itertools.count(1)
 class SketchPlan:
     """How one layer sketches its input: validated once, reused by every call.
 
-    `token` stands for the layer when sketches are shared (an int, not the plan itself:
-    torch.compile treats frozen dataclasses as values, so two equal plans would be one user).
+    NOTE: ρ and the sharing token are kept as strings because torch.compile always treats a
+    string as a constant. A number attribute that differs between two compilations of one
+    function (layers at different ρ, or the per-method copies `profile --compile` makes) turns
+    symbolic, and then k = round(ρ·N) cannot enter the autograd Function's graph, nor a token a
+    set: the compiled model would break its graph at every layer.
     """
 
     sketch: Sketch
-    rho: float
+    rho_text: str  # repr(ρ): exactly the float given
     min_rows: int = 1
     share: bool = True
-    token: int = field(default_factory=lambda: next(_plan_tokens))
-
-    def rows(self, n_rows: int) -> int:
-        # NOTE: ρ is read back from its text so torch.compile sees a constant. A float attribute
-        # that differs between two compilations of one function (two models at different ρ, as
-        # `profile --compile` makes) turns symbolic, and k = round(ρ·N) derived from it cannot be
-        # passed into the autograd Function's traced graph. Strings are always specialised.
-        return sketch_rows(n_rows, float(self.rho_text), self.min_rows)
+    token: str = field(default_factory=lambda: f"plan-{next(_plan_tokens)}")  # stands for the layer when sharing
 
     @property
-    def rho_text(self) -> str:
-        return repr(self.rho)
+    def rho(self) -> float:
+        return float(self.rho_text)
+
+    def rows(self, n_rows: int) -> int:
+        return sketch_rows(n_rows, self.rho, self.min_rows)
 
     def key(self, k: int, dtype: torch.dtype, rng_only: bool = False) -> tuple:
         return (self.sketch.name, k, dtype, rng_only)
@@ -88,7 +87,7 @@ class SketchPlan:
 
 def make_plan(rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1, share: bool = True) -> SketchPlan:
     """Validate the settings (one clear ConfigError per bad value) and build the plan."""
-    return SketchPlan(get_sketch(sketch), check_rho(rho), _check_min_rows(min_rows), bool(share))
+    return SketchPlan(get_sketch(sketch), repr(check_rho(rho)), _check_min_rows(min_rows), bool(share))
 
 
 def _check_min_rows(min_rows: int) -> int:

@@ -169,17 +169,24 @@ class ProfilePlan:
         return None if self.config.budget_mib is None else self.config.budget_mib * 2**20
 
     @property
+    def warmup_steps(self) -> int:
+        """Untimed steps per case: `--warmup`, and compiled at least 3 — the first compiles, the
+        model's own first-call setup (transformers sets `problem_type`) recompiles once, and the
+        backward graph compiles lazily at its first use."""
+        return max(self.config.warmup, 3) if self.compile else self.config.warmup
+
+    @property
     def total_steps(self) -> int:
         """Training steps the whole profile runs (what a progress bar counts)."""
-        config = self.config
-        per_case = config.warmup + 1 + (self.device.type == "cuda") + config.steps
+        per_case = self.warmup_steps + 1 + (self.device.type == "cuda") + self.config.steps
         return per_case * len(self.cases)
 
     def config_record(self) -> dict:
         config = self.config
         return {**asdict(config), "rhos": list(config.rhos), "sketches": list(config.sketches),
                 "methods": list(config.methods), "batch_sizes": list(config.batch_sizes),
-                "device": str(self.device), "dtype": dtype_name(self.dtype)}
+                "device": str(self.device), "dtype": dtype_name(self.dtype), "warmup": self.warmup_steps,
+                "compile_mode": self.compile}
 
 
 # ---------------------------------------------------------------------------- finetune and variance
@@ -332,7 +339,8 @@ class TrainingPlan:
 
     def config_record(self, **resolved) -> dict:
         """The config block of the report: the options as given, with what they resolved to."""
-        return {**asdict(self.config), "model": self.model_name, "device": str(self.device), **resolved}
+        return {**asdict(self.config), "model": self.model_name, "device": str(self.device),
+                "compile_mode": self.compile, **resolved}
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class _Profiler:
             gc.collect()
             torch.cuda.empty_cache()  # so NVML sees this case, not the cache of the last one
         with NvmlSampler(device) as sampler:
-            for _ in range(self.plan.config.warmup):
+            for _ in range(self.plan.warmup_steps):
                 self.engine.step(batch)
             counted = self.probe(case, batch)
             cuda = self.engine.cuda_step_memory(batch) if device.type == "cuda" else None
@@ -146,7 +146,7 @@ def _profile_in_process(model: nn.Module, model_name: str, plan: ProfilePlan, ca
         progress(f"memory: {case.label}", done)
         engine.apply(case.method)
         results.append(_case_result(case, plan, model_name, profiler.measure_memory(case)))
-        done += config.warmup + 1 + (plan.device.type == "cuda")
+        done += plan.warmup_steps + 1 + (plan.device.type == "cuda")
     samples: list[list[float]] = [[] for _ in cases]
     for round_index in range(config.steps):
         for case, case_samples in zip(cases, samples):

@@ -67,7 +67,7 @@ class SketchSharing:
         self._pass += 1
 
     # -- lookup and publication
-    def take(self, x: Tensor, key: tuple, user: int) -> tuple[object, tuple[Tensor, ...]] | None:
+    def take(self, x: Tensor, key: tuple, user: str) -> tuple[object, tuple[Tensor, ...]] | None:
         """(seed, saved) of the sketch another layer made of `x` in this pass, or None."""
         entry = self._entry
         if entry is None or entry.key != key or user in entry.users:
@@ -81,7 +81,7 @@ class SketchSharing:
         entry.users.add(user)
         return entry.seed, entry.saved
 
-    def offer(self, x: Tensor, key: tuple, user: int, seed: object, saved: tuple[Tensor, ...]) -> None:
+    def offer(self, x: Tensor, key: tuple, user: str, seed: object, saved: tuple[Tensor, ...]) -> None:
         """Publish the sketch `user` just made of `x` (replacing whatever was there)."""
         if torch.compiler.is_compiling():
             self._entry = _Entry(key, x, 0, 0, 0, seed, saved, {user})
