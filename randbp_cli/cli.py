@@ -20,7 +20,7 @@ except ImportError:  # older typer: plain click
     from click import ClickException as _UsageError
 
 from . import __version__, distributed
-from .check import compare_reports, parse_tolerance
+from .check import compare_reports, parse_tolerance, require_judgeable
 from .cli_console import note, one_line, out_console, phase_progress, stop_on_signals, training_progress
 from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, DataDirOpt, DeviceOpt, DtypeOpt, ExcludeOpt,
                           IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt, MaxLengthOpt, MaxTrainOpt, ModelOpt,
@@ -32,7 +32,7 @@ from .finetune import finetune_model
 from .methods import DEFAULT_SKETCH
 from .plans import FinetuneConfig, FinetunePlan, ProfileConfig, VarianceConfig
 from .profiling import profile_model
-from .render import check_image_path, check_table, table_to_markdown, tables_for, write_plot
+from .render import check_image_path, check_table, plottable, table_to_markdown, tables_for, write_plot
 from .report import (PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, check_writable, load_report, to_json,
                      write_json_atomic)
 from .variance import measure_variance
@@ -114,8 +114,10 @@ def _deliver(report: Report, output: Optional[Path], json_output: bool, plot: Op
     report.command = command_line()
     if output is not None:
         write_json_atomic(output, report.to_dict())
-    if plot is not None:
+    if plot is not None and plottable([report]):
         write_plot([report], plot)
+    elif plot is not None:
+        note(f"nothing measured: no plot written to {plot}")
     if json_output:
         typer.echo(to_json(report.to_dict()))
         return
@@ -219,6 +221,7 @@ def check(
     tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
     report = load_report(current, PROFILE_SCHEMA)
     if update:
+        require_judgeable(report)  # a baseline without the guarded numbers would fail every later check
         write_json_atomic(baseline, report.to_dict())
         note(f"baseline {baseline} rewritten from {current} ({len(report.results)} cases)")
         return
@@ -243,6 +246,8 @@ def report(
     if plot is not None:
         check_writable(plot)
         check_image_path(plot)
+        if not plottable(reports):
+            raise ConfigError(f"--plot: {', '.join(map(str, files))} hold(s) no {reports[0].MAIN} to draw")
     if output_format == "markdown":
         typer.echo("\n\n".join(table_to_markdown(t) for t in tables))
     else:

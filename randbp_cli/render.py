@@ -37,8 +37,8 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _sci(value) -> str:
-    return "—" if value is None else f"{value:.3g}"
+def _sci(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
 
 
 def _columns(table: Table, names: list[str], left: tuple[str, ...]) -> None:
@@ -105,24 +105,24 @@ def finetune_table(report: FinetuneReport) -> Table:
     title = (f"randbp finetune: {task.get('task', '?')} on {model.get('name', '?')} "
              f"({model.get('weights', '?')} weights), status {report.status or '?'}")
     table = Table(title=title, title_justify="left")
-    show_cuda = any((r.memory.get("cuda") or {}) for r in runs)
+    show_cuda = any(((r.memory or {}).get("cuda") or {}) for r in runs)
     columns = ["run", "ρ", f"best {metric}", "epoch", f"last {metric}", "activations MiB", "vs exact"]
     columns += ["CUDA peak MiB"] * show_cuda + ["s/step", "tokens/s", "time × exact"]
     _columns(table, columns, left=("run",))
     for r in runs:
-        vs = r.vs_exact or {}
+        vs, memory, times = r.vs_exact or {}, r.memory or {}, r.time or {}
         best, last = r.best or {}, r.last or {}
         row = [r.name + (" (interrupted)" if r.status == "interrupted" else ""),
                "—" if r.rho is None else f"{r.rho:g}",
                _fmt(best.get("value")), _fmt(best.get("epoch")), _fmt(last.get("value")),
-               _mib(r.memory.get("activation_bytes")),
-               "baseline" if r.method == "exact" else _pct(None if "activation_bytes" not in vs
+               _mib(memory.get("activation_bytes")),
+               "baseline" if r.method == "exact" else _pct(None if vs.get("activation_bytes") is None
                                                           else vs["activation_bytes"] - 1)]
         if show_cuda:
-            row.append(_mib((r.memory.get("cuda") or {}).get("peak_allocated_bytes")))
-        tokens_per_s = r.time.get("tokens_per_s")
-        row += [_fmt(r.time.get("step_time_s"), 3), "—" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
-                "—" if "step_time" not in vs else f"{vs['step_time']:.2f}×"]
+            row.append(_mib((memory.get("cuda") or {}).get("peak_allocated_bytes")))
+        tokens_per_s = times.get("tokens_per_s")
+        row += [_fmt(times.get("step_time_s"), 3), "—" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+                "—" if vs.get("step_time") is None else f"{vs['step_time']:.2f}×"]
         table.add_row(*row, style="bold" if r.method == "exact" else None)
     return table
 
@@ -141,8 +141,8 @@ def epoch_table(run: FinetuneRun) -> Table:
                      "train s"], left=())
     for entry in run.epochs:
         evals = entry.get("eval") or {}
-        table.add_row(str(entry["epoch"]) + (" (partial)" if entry.get("partial") else ""), str(entry["steps"]),
-                      _fmt(entry["train_loss"]),
+        table.add_row(_fmt(entry.get("epoch")) + (" (partial)" if entry.get("partial") else ""),
+                      _fmt(entry.get("steps")), _fmt(entry.get("train_loss")),
                       *[_fmt((evals.get(s) or {}).get(m)) for s, m in splits_metrics],
                       _fmt(entry.get("train_time_s"), 1))
     return table
@@ -167,16 +167,16 @@ def variance_table(report: VarianceReport, max_rows: int = 40) -> Table:
         _columns(table, ["step", "layer", "sketch", "k / B", "α", "D²_SGD", "D²_RMM measured ± se", "D²_RMM theory",
                          "ratio", "bound"], left=("layer", "sketch"))
         for r in records:
-            table.add_row(str(r.step), r.layer, r.sketch, f"{r.k} / {r.rows}", f"{r.alpha:.4f}", _sci(r.d2_sgd),
-                          f"{r.d2_rmm_measured:.3g} ± {r.d2_rmm_se:.2g}", _sci(r.d2_rmm_theory), _fmt(r.ratio, 3),
-                          _fmt(r.bound, 3))
+            table.add_row(str(r.step), r.layer, r.sketch, f"{_fmt(r.k)} / {_fmt(r.rows)}", _fmt(r.alpha),
+                          _sci(r.d2_sgd), f"{_sci(r.d2_rmm_measured)} ± {_sci(r.d2_rmm_se, 2)}", _sci(r.d2_rmm_theory),
+                          _fmt(r.ratio, 3), _fmt(r.bound, 3))
     else:
         _columns(table, ["layer", "sketch", "steps", "mean α", "ratio mean", "ratio min–max", "mean bound",
                          "within bound"], left=("layer", "sketch"))
         for s in report.summary:
-            table.add_row(s.layer, s.sketch, str(s.steps), f"{s.alpha_mean:.4f}", _fmt(s.ratio_mean, 3),
+            table.add_row(s.layer, s.sketch, _fmt(s.steps), _fmt(s.alpha_mean), _fmt(s.ratio_mean, 3),
                           f"{_fmt(s.ratio_min, 3)}–{_fmt(s.ratio_max, 3)}", _fmt(s.bound_mean, 3),
-                          "yes" if s.within_bound else "no")
+                          {True: "yes", False: "no"}.get(s.within_bound, "—"))
     return table
 
 
@@ -249,9 +249,16 @@ def check_image_path(path: Path) -> None:
                           f"{', '.join('.' + f for f in IMAGE_FORMATS)}")
 
 
+def plottable(reports: list[Report]) -> bool:
+    """Whether `reports` hold anything to draw (a run interrupted before its first measurement does not)."""
+    return any(getattr(report, report.MAIN) for report in reports)
+
+
 def write_plot(reports: list[Report], path: Path) -> None:
     """The figure of `reports` (one kind; profiles merged), written atomically; format from the suffix."""
     kind = one_kind(reports)
+    if not plottable(reports):
+        raise ConfigError(f"--plot {str(path)!r}: the report holds no {reports[0].MAIN} to draw")
     image_format = path.suffix.lstrip(".").lower() or "png"
     with atomic_path(path) as tmp:
         if kind == "profile":
@@ -272,13 +279,18 @@ def _pyplot():
 
 
 def _finish(plt, fig, axes, path, image_format: str, legend_size: int) -> None:
-    """Grid and legend on every axis, then write the figure and free it."""
+    """Grid and legend on every axis (an axis with no line has no legend), then write the figure and free it."""
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=legend_size)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, format=image_format)
     plt.close(fig)
+
+
+def _per_mib(value) -> float:
+    return float("nan") if value is None else value / MiB  # a gap in the line
 
 
 def plot_profile(report: ProfileReport, path, image_format: str = "png") -> None:
@@ -292,7 +304,7 @@ def plot_profile(report: ProfileReport, path, image_format: str = "png") -> None
         rows = sorted(rows, key=lambda r: r.batch_size)
         batches = [r.batch_size for r in rows]
         style = {"linewidth": 2.5, "color": "black"} if label.startswith("exact") else {"marker": "o"}
-        mem.plot(batches, [r.activation_bytes / MiB for r in rows], label=label, **style)
+        mem.plot(batches, [_per_mib(r.activation_bytes) for r in rows], label=label, **style)
         ratios = [r.time_ratio_vs_exact for r in rows]
         if any(v is not None for v in ratios):
             tim.plot(batches, ratios, label=label, **style)
@@ -310,12 +322,12 @@ def plot_finetune(report: FinetuneReport, path, image_format: str = "png") -> No
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=100)
     metric = "metric"
     for run in report.runs:
-        epochs = [e["epoch"] for e in run.epochs]
-        loss_ax.plot(epochs, [e["train_loss"] for e in run.epochs], marker="o", label=run.name)
+        epochs = [e.get("epoch") for e in run.epochs]
+        loss_ax.plot(epochs, [e.get("train_loss") for e in run.epochs], marker="o", label=run.name)
         evaluated = [e for e in run.epochs if e.get("eval")]
         metric = run.metric or metric
-        values = [e["eval"][next(iter(e["eval"]))].get(metric) for e in evaluated]  # the first evaluation split
-        metric_ax.plot([e["epoch"] for e in evaluated], values, marker="o", label=run.name)
+        values = [next(iter(e["eval"].values())).get(metric) for e in evaluated]  # the first evaluation split
+        metric_ax.plot([e.get("epoch") for e in evaluated], values, marker="o", label=run.name)
     task = (report.task or {}).get("task", "?")
     loss_ax.set(xlabel="epoch", ylabel="mean training loss (nats)", title=f"training loss: {task}")
     metric_ax.set(xlabel="epoch", ylabel=f"{metric} (first evaluation split)", title=f"{metric}: {task}")

@@ -11,11 +11,14 @@ Rendering (tables, Markdown, plots) lives in render.py; nothing here imports a U
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import subprocess
 import tempfile
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -34,6 +37,97 @@ CHECK_SCHEMA = "randbp.check/1"
 # ---------------------------------------------------------------------------- typed reports
 
 
+# ---------------------------------------------------------------------------- shapes
+
+# A report is read back from a file a person or a tool may have edited, so its shape is checked
+# once, where it is loaded: every field against its annotation, and the keys the code reads out
+# of a field's object against `SHAPES` (a dict literal: an object whose listed keys, where present
+# and not null, have those types; `dict[str, X]`: every value an X). A mistake is a ReportError
+# that names the key path: `results[2].activation_bytes must be an integer (got "912MB")`.
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _at(where: str, key) -> str:
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else str(key)
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+          list: "a list"}
+
+
+def _is(value, kind: type) -> bool:
+    if isinstance(value, bool) and kind is not bool:  # JSON's true is not the number 1
+        return False
+    if kind is int:  # a whole number written as 12.0 is still a count
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def check_shape(value, spec, where: str) -> None:
+    """Raise ReportError unless `value` fits `spec` (a type, `X | None`, `list[X]`, `dict[str, X]`,
+    or a dict literal of keys and their specs)."""
+    if isinstance(spec, _Nullable):
+        if value is not None:
+            check_shape(value, spec.shape, where)
+        return
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise ReportError(f"{where} must be an object (got {_shown(value)})")
+        for key, item_spec in spec.items():
+            if value.get(key) is not None:
+                check_shape(value[key], item_spec, _at(where, key))
+        return
+    origin, args = typing.get_origin(spec), typing.get_args(spec)
+    if origin in (typing.Union, types.UnionType):  # X | None: the reports know no other unions
+        if value is not None:
+            check_shape(value, next(arg for arg in args if arg is not type(None)), where)
+        return
+    kind = origin or spec
+    if not _is(value, kind):
+        raise ReportError(f"{where} must be {_NAMES[kind]} (got {_shown(value)})")
+    if origin is list and args:
+        for index, item in enumerate(value):
+            check_shape(item, args[0], _at(where, index))
+    elif origin is dict and len(args) == 2:
+        for key, item in value.items():
+            check_shape(item, args[1], _at(where, key))
+
+
+@functools.cache
+def _field_specs(cls) -> dict:
+    """Each JSON field of a record: its annotation, or what SHAPES says about its object (null
+    where the annotation allows it)."""
+    hints, specs = typing.get_type_hints(cls), {}
+    for f in fields(cls):
+        if f.name in _BOOKKEEPING:
+            continue
+        hint, shape = hints[f.name], cls.SHAPES.get(f.name)
+        if shape is not None and type(None) in typing.get_args(hint):
+            shape = _Nullable(shape) if isinstance(shape, dict) else shape | None
+        specs[f.name] = hint if shape is None else shape
+    return specs
+
+
+@dataclass(frozen=True)
+class _Nullable:
+    """An object shape (a dict literal) that may also be null."""
+
+    shape: dict
+
+
+# ---------------------------------------------------------------------------- typed reports
+
+_BOOKKEEPING = frozenset({"extra", "missing", "source"})  # dataclass fields that are not JSON keys
+
+
 @dataclass(kw_only=True)
 class Record:
     """A dataclass that is exactly one JSON object: its fields in order, then the unknown keys."""
@@ -42,33 +136,46 @@ class Record:
     missing: frozenset[str] = field(default=frozenset(), repr=False)  # fields an older report read lacked
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()  # keys a report leaves out rather than null
     ROWS: ClassVar[dict[str, type[Record]]] = {}  # list fields whose items are records themselves
+    REQUIRED: ClassVar[frozenset[str]] = frozenset()  # keys a record cannot be read without
+    SHAPES: ClassVar[dict[str, object]] = {}  # what the code reads out of a field's object (see check_shape)
 
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             left_out = f.name in self.missing or (value is None and f.name in self.OMIT_IF_NONE)
-            if f.name in ("extra", "missing") or left_out:
+            if f.name in _BOOKKEEPING or left_out:
                 continue
             out[f.name] = [row.to_dict() for row in value] if f.name in self.ROWS else value
         return {**out, **self.extra}
 
     @classmethod
-    def from_dict(cls, data: dict):
-        """The record of a JSON object: what a report read back holds is written back unchanged."""
-        names = {f.name for f in fields(cls)} - {"extra", "missing"}
-        known = {key: value for key, value in data.items() if key in names}
-        for name, row in cls.ROWS.items():
-            if isinstance(known.get(name), list):
-                known[name] = [row.from_dict(item) if isinstance(item, dict) else item for item in known[name]]
-        return cls(**known, extra={key: value for key, value in data.items() if key not in names},
-                   missing=frozenset(names - known.keys()))
+    def from_dict(cls, data: dict, where: str = ""):
+        """The record of a JSON object, its shape checked (a ReportError naming the key path
+        otherwise): what a report read back holds is written back unchanged."""
+        if not isinstance(data, dict):
+            raise ReportError(f"{where or 'the report'} must be an object (got {_shown(data)})")
+        specs = _field_specs(cls)
+        for name in sorted(cls.REQUIRED):
+            if data.get(name) is None:
+                raise ReportError(f"{where or 'the report'} has no {json.dumps(name)}")
+        known = {key: value for key, value in data.items() if key in specs}
+        for name, value in known.items():
+            if name in cls.ROWS and isinstance(value, list):
+                known[name] = [cls.ROWS[name].from_dict(item, _at(_at(where, name), index))
+                               for index, item in enumerate(value)]
+            else:
+                check_shape(value, specs[name], _at(where, name))
+        return cls(**known, extra={key: value for key, value in data.items() if key not in specs},
+                   missing=frozenset(specs.keys() - known.keys()))
 
 
 @dataclass(kw_only=True)
 class Report(Record):
-    """A whole report: `SCHEMA` first in its JSON, `command` (the command line) last when set."""
+    """A whole report: `SCHEMA` first in its JSON, `command` (the command line) last when set.
+    `source`: the file it was read from (load_report), for messages; never written."""
 
+    source: str | None = field(default=None, repr=False, compare=False)
     SCHEMA: ClassVar[str] = ""
     KIND: ClassVar[str] = ""  # profile, finetune, variance
     MAIN: ClassVar[str] = ""  # the list a report of this kind cannot be without
@@ -77,8 +184,10 @@ class Report(Record):
         return {"schema": self.SCHEMA, **super().to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict):
-        return super().from_dict({key: value for key, value in data.items() if key != "schema"})
+    def from_dict(cls, data: dict, where: str = ""):
+        if isinstance(data, dict):
+            data = {key: value for key, value in data.items() if key != "schema"}
+        return super().from_dict(data, where)
 
 
 @dataclass(kw_only=True)
@@ -112,6 +221,19 @@ class ProfileResult(Record):
     contributions: dict | None = None  # checkpoint+randomized: what each part saved
 
     OMIT_IF_NONE = frozenset({"checkpointing", "budget", "activation_limit_bytes", "contributions"})
+    REQUIRED = frozenset({"method", "batch_size", "seq_len"})  # what tells one case from another
+    SHAPES = {
+        "activation_bytes_by_kind": dict[str, int], "activation_bytes_by_module": dict[str, int],
+        "checkpointing": {"units": int, "recompute_unit_bytes": int},
+        "cuda": {"peak_allocated_bytes": int, "resting_allocated_bytes": int, "step_peak_bytes": int},
+        "nvml": {"available": bool, "peak_used_bytes": int, "reason": str},
+        "step_time_s": {"median": float, "min": float, "max": float, "samples": list[float]},
+        "budget": {"budget_bytes": float, "max_batch_size": int, "activation_peak_bytes": int, "capped": bool},
+    }
+
+
+_ENVIRONMENT = {"torch": str, "transformers": str, "device": str, "device_name": str, "nvml": dict}
+_MODEL = {"name": str, "weights": str}
 
 
 @dataclass(kw_only=True)
@@ -125,6 +247,8 @@ class ProfileReport(Report):
     SCHEMA, KIND, MAIN = PROFILE_SCHEMA, "profile", "results"
     ROWS = {"results": ProfileResult}
     OMIT_IF_NONE = frozenset({"command"})
+    SHAPES = {"environment": _ENVIRONMENT, "model": _MODEL,
+              "config": {"device": str, "dtype": str, "steps": int, "warmup": int}}
 
 
 @dataclass(kw_only=True)
@@ -151,6 +275,15 @@ class FinetuneRun(Record):
     vs_exact: dict | None = None  # ratios to the exact run, when there is one
 
     OMIT_IF_NONE = frozenset({"distributed", "saved_to", "save_error", "vs_exact"})
+    REQUIRED = frozenset({"name"})
+    SHAPES = {
+        "epochs": list[{"epoch": int, "steps": int, "train_loss": float, "train_time_s": float, "partial": bool,
+                        "eval": dict[str, dict[str, float]]}],
+        "memory": {"activation_bytes": int, "cuda": {"peak_allocated_bytes": int}},
+        "time": {"step_time_s": float, "tokens_per_s": float},
+        "best": {"epoch": int, "value": float}, "last": {"epoch": int, "value": float},
+        "vs_exact": {"activation_bytes": float, "step_time": float},
+    }
 
 
 @dataclass(kw_only=True)
@@ -167,6 +300,7 @@ class FinetuneReport(Report):
     SCHEMA, KIND, MAIN = FINETUNE_SCHEMA, "finetune", "runs"
     ROWS = {"runs": FinetuneRun}
     OMIT_IF_NONE = frozenset({"command"})
+    SHAPES = {"environment": _ENVIRONMENT, "model": _MODEL, "task": {"task": str}}
 
 
 @dataclass(kw_only=True)
@@ -189,6 +323,8 @@ class VarianceRecord(Record):
     ratio_theory: float | None = None
     bound: float | None = None
 
+    REQUIRED = frozenset({"layer", "step", "sketch"})
+
 
 @dataclass(kw_only=True)
 class VarianceSummary(Record):
@@ -203,6 +339,8 @@ class VarianceSummary(Record):
     bound_mean: float | None = None
     alpha_mean: float | None = None
     within_bound: bool | None = None
+
+    REQUIRED = frozenset({"layer", "sketch"})
 
 
 @dataclass(kw_only=True)
@@ -221,6 +359,8 @@ class VarianceReport(Report):
     SCHEMA, KIND, MAIN = VARIANCE_SCHEMA, "variance", "records"
     ROWS = {"records": VarianceRecord, "summary": VarianceSummary}
     OMIT_IF_NONE = frozenset({"command"})
+    SHAPES = {"environment": _ENVIRONMENT, "train_loss": dict[str, float],
+              "config": {"task": str, "model": str, "rho": float, "repeats": int}}
 
 
 REPORTS: dict[str, type[Report]] = {cls.SCHEMA: cls for cls in (ProfileReport, FinetuneReport, VarianceReport)}
@@ -251,7 +391,12 @@ def load_report(path: str | Path, expect: str | None = None) -> Report:
     kind = REPORTS[schema]
     if not isinstance(data.get(kind.MAIN), list):
         raise ReportError(f"{str(path)!r} is a {schema} report without its {kind.MAIN!r} list: corrupt or truncated")
-    return kind.from_dict(data)
+    try:
+        report = kind.from_dict(data)
+    except ReportError as err:  # the key path, said with the file it is in
+        raise ReportError(f"{path}: {err}") from None
+    report.source = str(path)
+    return report
 
 
 def one_kind(reports: list[Report]) -> str:

@@ -4,6 +4,7 @@
 import copy
 import json
 import struct
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -261,3 +262,155 @@ def test_plot_with_an_unknown_image_suffix(files, profile_report, tmp_path):
     result = invoke("report", files("p.json", profile_report), "--plot", tmp_path / "plot.txt")
     assert result.exit_code == 2 and "cannot draw a .txt file" in result.stderr
     assert not (tmp_path / "plot.txt").exists()
+
+
+# ---------------------------------------------------------------------------- never pass on nothing, never a traceback
+
+
+def _without(report, key, where=lambda r: True):
+    report = copy.deepcopy(report)
+    for r in report["results"]:
+        if where(r):
+            r.pop(key, None)
+    return report
+
+
+def _one_error_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "PASS" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("randbp: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("lacking", ["baseline", "current"])
+def test_gate_never_passes_without_activation_bytes(files, profile_report, lacking):
+    """A baseline whose cases lack the guarded metric used to PASS, comparing only step time."""
+    stripped = files(f"{lacking}.json", _without(profile_report, "activation_bytes"))
+    complete = files("complete.json", profile_report)
+    current, baseline = (complete, stripped) if lacking == "baseline" else (stripped, complete)
+    _one_error_line(invoke("check", current, "--baseline", baseline), f"{lacking}.json: results[0]",
+                    "has no activation_bytes")
+
+
+def test_gate_needs_the_cuda_peak_where_the_baseline_has_one(files, profile_report):
+    baseline = files("baseline.json", _with_cuda_peak(profile_report, 1_000_000))
+    current = files("current.json", profile_report)  # no cuda block: nothing to judge the peak by
+    _one_error_line(invoke("check", current, "--baseline", baseline), "current.json: results[0]",
+                    "cuda.peak_allocated_bytes")
+    on_cuda = copy.deepcopy(profile_report)
+    for r in on_cuda["results"]:
+        r["device"] = "cuda"
+    baseline = files("cuda-base.json", on_cuda)  # a CUDA case without its peak
+    _one_error_line(invoke("check", baseline, "--baseline", baseline), "cuda-base.json: results[0]",
+                    "cuda.peak_allocated_bytes")
+
+
+def test_gate_needs_step_time_only_when_it_judges_it(files, profile_report):
+    base = files("base.json", profile_report)
+    untimed = files("untimed.json", _without(profile_report, "step_time_s"))
+    assert invoke("check", untimed, "--baseline", base).exit_code == 0  # informational: shown when there
+    _one_error_line(invoke("check", untimed, "--baseline", base, "--tolerance-time", "10%"),
+                    "untimed.json: results[0]", "step_time_s.median")
+
+
+def test_update_refuses_a_baseline_the_gate_could_not_use(files, profile_report):
+    base = files("base.json", profile_report)
+    before = base.read_text()
+    _one_error_line(invoke("check", files("now.json", _without(profile_report, "activation_bytes")), "--baseline",
+                           base, "--update"), "now.json: results[0]", "activation_bytes")
+    assert base.read_text() == before
+
+
+def _doctored(report, change):
+    report = copy.deepcopy(report)
+    change(report)
+    return report
+
+
+MALFORMED = {  # the issue's files, as hand edits and truncating tools make them
+    "results-ints": (lambda d: d.__setitem__("results", [1, 2, 3]), "results[0] must be an object (got 1)"),
+    "bytes-text": (lambda d: d["results"][2].__setitem__("activation_bytes", "912MB"),
+                   'results[2].activation_bytes must be an integer (got "912MB")'),
+    "environment-text": (lambda d: d.__setitem__("environment", "cpu"), 'environment must be an object (got "cpu")'),
+    "environment-list": (lambda d: d.__setitem__("environment", []), "environment must be an object (got [])"),
+    "batch-list": (lambda d: d["results"][1].__setitem__("batch_size", [2]),
+                   "results[1].batch_size must be an integer (got [2])"),
+    "no-method": (lambda d: d["results"][0].pop("method"), 'results[0] has no "method"'),
+    "cuda-text": (lambda d: d["results"][0].__setitem__("cuda", "n/a"), 'results[0].cuda must be an object'),
+    "peak-text": (lambda d: d["results"][0].__setitem__("cuda", {"peak_allocated_bytes": "1 GB"}),
+                  "results[0].cuda.peak_allocated_bytes must be an integer"),
+    "median-bool": (lambda d: d["results"][0]["step_time_s"].__setitem__("median", True),
+                    "results[0].step_time_s.median must be a number (got true)"),
+}
+
+
+@pytest.mark.parametrize("which", ["baseline", "current"])
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_check_names_the_file_and_key_of_a_malformed_report(files, profile_report, name, which):
+    change, message = MALFORMED[name]
+    bad = files(f"{which}.json", _doctored(profile_report, change))
+    good = files("good.json", profile_report)
+    current, baseline = (good, bad) if which == "baseline" else (bad, good)
+    _one_error_line(invoke("check", current, "--baseline", baseline), f"{which}.json: {message}")
+
+
+def test_profile_check_refuses_a_malformed_baseline_before_profiling(files, profile_report):
+    bad = files("baseline.json", _doctored(profile_report, MALFORMED["bytes-text"][0]))
+    result = invoke("profile", "--model", "no-such-model-dir/", "--check", bad)  # fails before the model is looked up
+    _one_error_line(result, "baseline.json: results[2].activation_bytes")
+
+
+@pytest.mark.parametrize("name", ["results-ints", "bytes-text", "environment-text", "environment-list", "batch-list"])
+def test_report_names_the_file_and_key_of_a_malformed_profile(files, profile_report, name):
+    change, message = MALFORMED[name]
+    _one_error_line(invoke("report", files("p.json", _doctored(profile_report, change))), f"p.json: {message}")
+
+
+def test_report_names_a_malformed_finetune_or_variance_report(files, finetune_report, variance_report):
+    _one_error_line(invoke("report", files("f.json", {"schema": "randbp.finetune/1", "runs": [{}]})),
+                    'f.json: runs[0] has no "name"')
+    epochs = _doctored(finetune_report, lambda d: d["runs"][0]["epochs"][0].__setitem__("train_loss", "low"))
+    _one_error_line(invoke("report", files("f.json", epochs)), "f.json: runs[0].epochs[0].train_loss must be a number")
+    records = _doctored(variance_report, lambda d: d["records"].__setitem__(0, "x"))
+    _one_error_line(invoke("report", files("v.json", records)), 'v.json: records[0] must be an object (got "x")')
+    environment = _doctored(variance_report, lambda d: d.__setitem__("environment", []))
+    _one_error_line(invoke("report", files("v.json", environment)), "v.json: environment must be an object")
+
+
+def test_report_renders_what_a_report_lacks_as_a_dash(tmp_path, files, profile_report, finetune_report,
+                                                      variance_report):
+    """Measurements a report does not have (an older version, a hand-trimmed file) show as "—"."""
+    profile = _doctored(profile_report, lambda d: [r.pop(k) for r in d["results"]
+                                                   for k in ("rho", "activation_bytes", "step_time_s")])
+    finetune = _doctored(finetune_report, lambda d: [r.pop(k) for r in d["runs"]
+                                                     for k in ("memory", "time", "best", "vs_exact")])
+    for run in finetune["runs"]:
+        for epoch in run["epochs"]:
+            epoch.pop("train_loss")
+    variance = _doctored(variance_report, lambda d: [r.pop(k) for r in d["records"]
+                                                     for k in ("rho", "alpha", "d2_rmm_measured", "ratio")])
+    for kind, report in (("profile", profile), ("finetune", finetune), ("variance", variance)):
+        result = invoke("report", files(f"{kind}.json", report), "--plot", tmp_path / f"{kind}.png")
+        assert result.exit_code == 0, (kind, result.output)
+        assert f"randbp {kind}" in result.stdout and "—" in result.stdout
+        assert result.stderr.strip() == f"plot written to {tmp_path / f'{kind}.png'}"  # no third-party warning
+
+
+def test_plot_of_a_report_with_nothing_to_draw_is_refused(files, profile_report, tmp_path):
+    empty = files("empty.json", dict(profile_report, results=[]))
+    _one_error_line(invoke("report", empty, "--plot", tmp_path / "p.png"), "no results to draw")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_every_committed_report_loads_and_writes_back_unchanged():
+    """The checks refuse no report randbp wrote: results/ and the golden files, read and written back."""
+    from randbp_cli.report import REPORTS, load_report
+
+    root = Path(__file__).resolve().parent.parent
+    paths = [p for p in [*root.glob("results/**/*.json"), *root.glob("tests/golden/*.json")]
+             if json.loads(p.read_text()).get("schema") in REPORTS]
+    assert len(paths) >= 12
+    for path in paths:
+        assert load_report(path).to_dict() == json.loads(path.read_text()), path
