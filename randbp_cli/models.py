@@ -203,6 +203,9 @@ def save_model(model, tokenizer, directory: Path) -> None:
     """safetensors checkpoint (plain nn.Linear again), written to a temp dir then renamed."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # what mkdir would give it, not mkdtemp's 0700
     try:
         restore(model).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

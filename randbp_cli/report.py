@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 import types
@@ -491,6 +492,17 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+def _final_mode(path: Path) -> int:
+    """The permissions `path` gets: those of the file it replaces, else 0666 less the umask (what
+    open() would give it; mkstemp's 0600 would hide a CI artifact from every other user)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yields a temp path beside `path`; renames it onto `path` only if the block succeeds."""
@@ -502,6 +514,7 @@ def atomic_path(path: str | Path):
         raise ReportWriteError(f"cannot write {str(path)!r}: {err.strerror}") from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)

@@ -3,6 +3,8 @@
 
 import copy
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -414,3 +416,33 @@ def test_every_committed_report_loads_and_writes_back_unchanged():
     assert len(paths) >= 12
     for path in paths:
         assert load_report(path).to_dict() == json.loads(path.read_text()), path
+
+
+# ---------------------------------------------------------------------------- file permissions
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then put the old one back."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_written_files_honour_the_umask(files, profile_report, tmp_path, umask, mask):
+    """Reports, baselines and plots were -rw------- whatever the umask (mkstemp's mode, renamed into place)."""
+    umask(mask)
+    current = files("now.json", profile_report)
+    assert invoke("check", current, "--baseline", tmp_path / "base.json", "--update").exit_code == 0
+    assert invoke("report", current, "--plot", tmp_path / "plot.png").exit_code == 0
+    for name in ("base.json", "plot.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_a_replaced_file_keeps_its_mode(files, profile_report, tmp_path, umask):
+    """Rewriting a file in place keeps its permissions, as writing into it would."""
+    baseline = files("base.json", profile_report)
+    baseline.chmod(0o640)
+    assert invoke("check", files("now.json", profile_report), "--baseline", baseline, "--update").exit_code == 0
+    assert stat.S_IMODE(baseline.stat().st_mode) == 0o640
