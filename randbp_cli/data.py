@@ -20,7 +20,8 @@ import torch
 from .convert import select_linears
 from .errors import DataError
 from .loaders import load_custom, load_glue_dir, load_glue_hub
-from .models import LoadedModel, builtin_config_path, hub_reachable, load_model, max_sequence_length
+from .models import (LoadedModel, builtin_config_path, check_methods_supported, check_model_type, hub_reachable,
+                     load_model, max_sequence_length)
 from .plans import TrainingPlan
 from .tasks import TaskData, synthetic_task
 
@@ -147,12 +148,14 @@ def load_task_model(plan: TrainingPlan, num_labels: int) -> LoadedModel:
 def load_model_and_task(plan: TrainingPlan) -> tuple[LoadedModel, TaskInputs]:
     """Load the model (with the task's head) and the data, tokenize, and build the collator."""
     config = plan.config
+    check_model_type(plan.model_name)  # an unsupported local model fails before any data is read
     if plan.task is None:  # the labels decide the head: read the data first
         data = load_task_data(plan, vocab_size=0)
         loaded = load_task_model(plan, data.spec.num_labels)
     else:
         loaded = load_task_model(plan, plan.task.num_labels)
         data = load_task_data(plan, loaded.model.config.vocab_size)
+    check_methods_supported(loaded.model, plan.trained_methods)
     max_length = min(config.max_length, max_sequence_length(loaded.model))
     if config.include or config.exclude:
         select_linears(loaded.model, config.include, config.exclude)  # a pattern that matches nothing fails now

@@ -287,6 +287,11 @@ class TrainingPlan:
 
         return get_linear_schedule_with_warmup(optimizer, self.warmup_steps(total_steps), total_steps)
 
+    @property
+    def trained_methods(self) -> tuple[Method, ...]:
+        """Every method a run of this plan trains in."""
+        return ()
+
     def config_record(self, **resolved) -> dict:
         """The config block of the report: the options as given, with what they resolved to."""
         return {**asdict(self.config), "model": self.model_name, "device": str(self.device), **resolved}
@@ -296,6 +301,10 @@ class TrainingPlan:
 class FinetunePlan(TrainingPlan):
     methods: tuple[Method, ...] = ()  # one run each, in this order
 
+    @property
+    def trained_methods(self) -> tuple[Method, ...]:
+        return self.methods
+
 
 @dataclass(frozen=True)
 class VariancePlan(TrainingPlan):
@@ -304,3 +313,7 @@ class VariancePlan(TrainingPlan):
     rho: float = 0.5
     sketches: tuple[Sketch, ...] = ()  # measured, in this order (a name given twice is measured twice)
     train_method: Method = EXACT  # how the model is trained between measurements
+
+    @property
+    def trained_methods(self) -> tuple[Method, ...]:
+        return (self.train_method,)

@@ -28,7 +28,7 @@ from .engine import Batch, Engine, Progress
 from .errors import ConfigError
 from .memory import NvmlSampler, summarize_times
 from .methods import EXACT
-from .models import LoadedModel, load_model, max_sequence_length
+from .models import LoadedModel, check_methods_supported, load_model, max_sequence_length
 from .plans import ProfileCase, ProfileConfig, ProfilePlan
 from .report import ProfileReport, ProfileResult, environment
 
@@ -204,6 +204,7 @@ def profile_model(plan: ProfilePlan, progress: Progress | None = None) -> Profil
         raise ConfigError(f"--seq-len {config.seq_len} is longer than the model's {limit} positions; "
                           f"use --seq-len {limit} or less")
     select_linears(loaded.model, config.include, config.exclude)  # a pattern that matches nothing fails now
+    check_methods_supported(loaded.model, [case.method for case in plan.cases])
     if config.isolate:
         results = _profile_isolated(plan, progress)
     else:
