@@ -32,7 +32,7 @@ from .finetune import finetune_model
 from .methods import DEFAULT_SKETCH
 from .plans import FinetuneConfig, FinetunePlan, ProfileConfig, VarianceConfig
 from .profiling import profile_model
-from .render import check_image_path, check_table, plottable, table_to_markdown, tables_for, write_plot
+from .render import check_image_path, check_plottable, check_table, plottable, table_to_markdown, tables_for, write_plot
 from .report import (PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, check_writable, load_report, to_json,
                      write_json_atomic)
 from .variance import measure_variance
@@ -231,7 +231,8 @@ def check(
 
 @app.command()
 def report(
-    files: Annotated[list[Path], typer.Argument(help="randbp JSON reports (profile, finetune or variance); "
+    files: Annotated[list[Path], typer.Argument(help="randbp JSON reports (profile, finetune or variance) or a "
+                                                "benchmark's output (its checks, embedded reports and tables); "
                                                 "several profile reports merge into one comparison.")],
     plot: Annotated[Optional[Path], typer.Option(help="Also write a PNG: memory and time vs batch size "
                                                       "(profile), loss and metric per epoch (finetune), "
@@ -246,8 +247,7 @@ def report(
     if plot is not None:
         check_writable(plot)
         check_image_path(plot)
-        if not plottable(reports):
-            raise ConfigError(f"--plot: {', '.join(map(str, files))} hold(s) no {reports[0].MAIN} to draw")
+        check_plottable(reports, plot)
     if output_format == "markdown":
         typer.echo("\n\n".join(table_to_markdown(t) for t in tables))
     else:

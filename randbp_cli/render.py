@@ -14,8 +14,8 @@ from rich.table import Table
 from .check import CheckResult
 from .errors import ConfigError
 from .methods import method_label
-from .report import (FinetuneReport, FinetuneRun, ProfileReport, Report, VarianceReport, atomic_path, merge_profiles,
-                     one_kind)
+from .report import (BenchmarkOutput, FinetuneReport, FinetuneRun, ProfileReport, Report, VarianceReport, atomic_path,
+                     merge_profiles, one_kind)
 
 MiB = 1 << 20
 IMAGE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp")
@@ -209,16 +209,59 @@ def check_table(result: CheckResult, show_all: bool = False) -> Table:
     return table
 
 
+# ---------------------------------------------------------------------------- benchmark outputs
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return {True: "yes", False: "no", None: "—"}.get(value, value) if not isinstance(value, str) else value
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4g}"
+    return f"{int(value):,}" if isinstance(value, (int, float)) else "…"  # an object or list: not a cell
+
+
+def benchmark_tables(output: BenchmarkOutput) -> list[Table]:
+    """A benchmark's checks (PASS/FAIL), every report it embeds as its command prints it (titled by
+    where it sits in the file), then each of its other lists of records as a plain table."""
+    tables = []
+    if output.checks:
+        passed = sum(check.get("passed") is True for check in output.checks)
+        title = f"{output.schema}: {passed} of {len(output.checks)} checks pass"
+        table = Table(title=title, title_justify="left", caption=output.command, min_width=len(title))
+        _columns(table, ["result", "check"], left=("result", "check"))
+        for check in output.checks:
+            ok = check.get("passed")
+            table.add_row({True: "PASS", False: "FAIL"}.get(ok, "—"), _cell(check.get("check")),
+                          style=None if ok else "bold red")
+        tables.append(table)
+    for where, report in output.reports:
+        for table in tables_for([report]):
+            table.title = f"{where}: {table.title}"
+            tables.append(table)
+    for key, rows in output.tables:
+        names = [name for name, _ in rows]
+        columns = list(dict.fromkeys(k for _, row in rows for k, v in row.items() if not isinstance(v, (dict, list))))
+        table = Table(title=key, title_justify="left")
+        text = [c for c in columns if all(isinstance(row.get(c), (str, type(None))) for _, row in rows)]
+        _columns(table, ([""] if any(names) else []) + columns, left=("", *text))
+        for name, row in rows:
+            table.add_row(*([name or ""] if any(names) else []), *[_cell(row.get(c)) for c in columns])
+        tables.append(table)
+    return tables
+
+
 # ---------------------------------------------------------------------------- any report
 
 
-def tables_for(reports: list[Report]) -> list[Table]:
+def tables_for(reports: list[Report | BenchmarkOutput]) -> list[Table]:
     """The same rich tables the commands print, for reports of one kind (profiles merged)."""
     kind = one_kind(reports)
     if kind == "profile":
         return [profile_table(merge_profiles(reports))]
     if kind == "finetune":
         return [table for report in reports for table in finetune_tables(report)]
+    if kind == "benchmark":
+        return [table for output in reports for table in benchmark_tables(output)]
     return [variance_table(report) for report in reports]
 
 
@@ -254,11 +297,19 @@ def plottable(reports: list[Report]) -> bool:
     return any(getattr(report, report.MAIN) for report in reports)
 
 
-def write_plot(reports: list[Report], path: Path) -> None:
-    """The figure of `reports` (one kind; profiles merged), written atomically; format from the suffix."""
-    kind = one_kind(reports)
+def check_plottable(reports: list[Report | BenchmarkOutput], path: Path) -> None:
+    """Refuse, before anything is printed or written, a --plot of reports that draw nothing."""
+    if one_kind(reports) == "benchmark":
+        raise ConfigError(f"--plot {str(path)!r}: a benchmark's output has no plot; render its tables without "
+                          "--plot, or plot the profile or variance reports a randbp command wrote")
     if not plottable(reports):
         raise ConfigError(f"--plot {str(path)!r}: the report holds no {reports[0].MAIN} to draw")
+
+
+def write_plot(reports: list[Report], path: Path) -> None:
+    """The figure of `reports` (one kind; profiles merged), written atomically; format from the suffix."""
+    check_plottable(reports, path)
+    kind = one_kind(reports)
     image_format = path.suffix.lstrip(".").lower() or "png"
     with atomic_path(path) as tmp:
         if kind == "profile":

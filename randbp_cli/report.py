@@ -367,8 +367,65 @@ class VarianceReport(Report):
 REPORTS: dict[str, type[Report]] = {cls.SCHEMA: cls for cls in (ProfileReport, FinetuneReport, VarianceReport)}
 
 
-def load_report(path: str | Path, expect: str | None = None) -> Report:
-    """Read a randbp JSON report; `expect` = the schema it must have (name and version)."""
+def _embedded(value, where: str) -> Report | None:
+    """The randbp report `value` is (checked like a file of its own), or None when it is none."""
+    kind = REPORTS.get(value.get("schema")) if isinstance(value, dict) else None
+    if kind is None:
+        return None
+    if not isinstance(value.get(kind.MAIN), list):
+        raise ReportError(f"{where} is a {kind.SCHEMA} report without its {kind.MAIN!r} list")
+    return kind.from_dict(value, where)
+
+
+def _records(value) -> list[tuple[str | None, dict]] | None:
+    """A list of objects, or an object of objects (each row named by its key): a table; else None."""
+    if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+        return [(None, row) for row in value]
+    if isinstance(value, dict) and value and all(isinstance(row, dict) for row in value.values()):
+        return list(value.items())
+    return None
+
+
+@dataclass
+class BenchmarkOutput:
+    """What a benchmark script writes (`results/bench-*.json`, `results/methods-*.json`, ...): no report
+    kind of its own, but `randbp report` shows its PASS/FAIL checks, each randbp report it embeds
+    (checked as a file of its own would be) and its other lists of records as plain tables."""
+
+    schema: str
+    command: str | None = None
+    checks: list[dict] = field(default_factory=list)  # {"check": what was checked, "passed": bool}
+    reports: list[tuple[str, Report]] = field(default_factory=list)  # (where in the file, the report)
+    tables: list[tuple[str, list[tuple[str | None, dict]]]] = field(default_factory=list)  # (key, named rows)
+    source: str | None = None
+
+    KIND: ClassVar[str] = "benchmark"
+    MAIN: ClassVar[str] = "checks"
+    NOT_SHOWN: ClassVar[frozenset[str]] = frozenset({"schema", "command", "environment", "config", "checks"})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchmarkOutput | None:
+        """The benchmark output `data` is, or None when it holds nothing `randbp report` can show."""
+        checks = data.get("checks", [])
+        check_shape(checks, list[{"check": str, "passed": bool}], "checks")
+        command = data.get("command")
+        check_shape(command, str | None, "command")
+        output = cls(data["schema"], command, checks)
+        for key, value in data.items():
+            if key in cls.NOT_SHOWN:
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            embedded = [(_at(_at("", key), name), _embedded(item, _at(_at("", key), name))) for name, item in items]
+            if embedded and all(report is not None for _, report in embedded):
+                output.reports += embedded
+            elif _records(value) is not None:
+                output.tables.append((key, _records(value)))
+        return output if output.checks or output.reports or output.tables else None
+
+
+def load_report(path: str | Path, expect: str | None = None) -> Report | BenchmarkOutput:
+    """Read a randbp JSON report; `expect` = the schema it must have (name and version). Without
+    `expect`, a benchmark's output is read too (`BenchmarkOutput`)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -384,18 +441,18 @@ def load_report(path: str | Path, expect: str | None = None) -> Report:
     schema = data.get("schema") if isinstance(data, dict) else None
     if not isinstance(schema, str) or not schema.startswith("randbp."):
         raise ReportError(f"{str(path)!r} is not a randbp report (no randbp 'schema' key)")
-    if schema not in REPORTS:
-        raise ReportError(f"{str(path)!r} has schema {schema!r}, which this randbp does not read "
-                          f"(it reads {', '.join(REPORTS)})")
     if expect is not None and schema != expect:
         raise ReportError(f"{str(path)!r} is a {schema} report; expected {expect}")
-    kind = REPORTS[schema]
-    if not isinstance(data.get(kind.MAIN), list):
+    kind = REPORTS.get(schema)
+    if kind is not None and not isinstance(data.get(kind.MAIN), list):
         raise ReportError(f"{str(path)!r} is a {schema} report without its {kind.MAIN!r} list: corrupt or truncated")
     try:
-        report = kind.from_dict(data)
+        report = kind.from_dict(data) if kind is not None else BenchmarkOutput.from_dict(data)
     except ReportError as err:  # the key path, said with the file it is in
         raise ReportError(f"{path}: {err}") from None
+    if report is None:
+        raise ReportError(f"{str(path)!r} has schema {schema!r}, which this randbp does not read (it reads "
+                          f"{', '.join(REPORTS)}, and benchmark outputs with checks, reports or tables)")
     report.source = str(path)
     return report
 

@@ -446,3 +446,43 @@ def test_a_replaced_file_keeps_its_mode(files, profile_report, tmp_path, umask):
     baseline.chmod(0o640)
     assert invoke("check", files("now.json", profile_report), "--baseline", baseline, "--update").exit_code == 0
     assert stat.S_IMODE(baseline.stat().st_mode) == 0o640
+
+
+# ---------------------------------------------------------------------------- benchmark outputs
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name, titles", [
+    ("bench-profile-targets-cpu.json", ["randbp.benchmark/1: 13 of 13 checks pass", "reports[0]: randbp profile",
+                                        "reports[1]: randbp profile"]),
+    ("methods-roberta-base-cpu.json", ["randbp.methods-benchmark/1: 15 of 15 checks pass",
+                                       "profiles.128: randbp profile", "variance.0.1: randbp variance", "budget"]),
+    ("finetune-synthetic-seeds-cpu.json", ["randbp.finetune-seeds/1: 2 of 2 checks pass", "summary"]),
+])
+def test_benchmark_outputs_render(name, titles):
+    """`randbp report` refused results/bench-*.json and methods-*.json, which the README said it renders."""
+    result = invoke("report", ROOT / "results" / name, "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    shown = [line.strip("*") for line in result.stdout.splitlines() if line.startswith("**")]
+    for title in titles:
+        assert any(line.startswith(title) for line in shown), (title, shown)
+    assert "| PASS |" in result.stdout
+
+
+def test_benchmark_output_names_a_bad_embedded_report_and_has_no_plot(files, profile_report, tmp_path):
+    bench = {"schema": "randbp.benchmark/1", "checks": [{"check": "it holds", "passed": False}],
+             "reports": [profile_report, _doctored(profile_report, MALFORMED["bytes-text"][0])]}
+    _one_error_line(invoke("report", files("bench.json", bench)),
+                    'bench.json: reports[1].results[2].activation_bytes must be an integer (got "912MB")')
+    bench["reports"] = bench["reports"][:1]
+    result = invoke("report", files("bench.json", bench))
+    assert result.exit_code == 0 and "0 of 1 checks pass" in result.stdout and "FAIL" in result.stdout
+    _one_error_line(invoke("report", files("bench.json", bench), "--plot", tmp_path / "b.png"),
+                    "a benchmark's output has no plot")
+    assert not (tmp_path / "b.png").exists()
+    _one_error_line(invoke("report", files("other.json", {"schema": "randbp.other/1", "x": 1})),
+                    "'randbp.other/1', which this randbp does not read")
+    _one_error_line(invoke("check", files("bench.json", bench), "--baseline", files("p.json", profile_report)),
+                    "is a randbp.benchmark/1 report; expected randbp.profile/1")
