@@ -25,9 +25,10 @@ from .report import CHECK_SCHEMA, ProfileReport, ProfileResult
 
 
 def case_key(report: ProfileReport, result: ProfileResult) -> tuple:
+    """What a case is; the device by its type, so a baseline made on cuda:0 judges a run on cuda:3."""
     model = result.model or (report.model or {}).get("name")
-    return (model, result.method, result.rho, result.sketch, result.batch_size, result.seq_len, result.dtype,
-            result.device)
+    device = None if result.device is None else result.device.split(":")[0]
+    return (model, result.method, result.rho, result.sketch, result.batch_size, result.seq_len, result.dtype, device)
 
 
 def describe_key(key: tuple) -> str:
@@ -136,8 +137,11 @@ def environment_warnings(current: ProfileReport, baseline: ProfileReport) -> lis
     warnings = []
     env_now, env_base = current.environment or {}, baseline.environment or {}
     for key, label in (("torch", "torch version"), ("device", "device type"), ("transformers", "transformers version")):
-        if env_now.get(key) != env_base.get(key):
-            warnings.append(f"{label} differs: baseline {env_base.get(key)!r}, now {env_now.get(key)!r}")
+        now, base = env_now.get(key), env_base.get(key)
+        if key == "device":  # cuda:0 and cuda:3 are the same kind of device
+            now, base = (None if value is None else value.split(":")[0] for value in (now, base))
+        if now != base:
+            warnings.append(f"{label} differs: baseline {base!r}, now {now!r}")
     dtype_now = (current.config or {}).get("dtype")
     dtype_base = (baseline.config or {}).get("dtype")
     if dtype_now != dtype_base:

@@ -132,7 +132,7 @@ def _case_result(case: ProfileCase, plan: ProfilePlan, model_name: str, measured
     method, seq_len = case.method, plan.config.seq_len
     return ProfileResult(model=model_name, method=method.name, rho=method.rho, sketch=method.sketch_name,
                          batch_size=case.batch_size, seq_len=seq_len, tokens=case.batch_size * seq_len,
-                         dtype=dtype_name(plan.dtype), device=plan.device.type, **measured)
+                         dtype=dtype_name(plan.dtype), device=str(plan.device), **measured)
 
 
 def _profile_in_process(model: nn.Module, model_name: str, plan: ProfilePlan, cases: tuple[ProfileCase, ...],

@@ -520,7 +520,7 @@ def environment(device: torch.device | None = None) -> dict:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "device": device.type,
+        "device": str(device),  # with its index: cuda:3
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cuda_version": torch.version.cuda,
         "cuda_available": cuda,

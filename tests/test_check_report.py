@@ -486,3 +486,17 @@ def test_benchmark_output_names_a_bad_embedded_report_and_has_no_plot(files, pro
                     "'randbp.other/1', which this randbp does not read")
     _one_error_line(invoke("check", files("bench.json", bench), "--baseline", files("p.json", profile_report)),
                     "is a randbp.benchmark/1 report; expected randbp.profile/1")
+
+
+def test_a_baseline_from_one_gpu_judges_a_run_on_another(files, profile_report):
+    """Cases match on the device type: recording cuda:3 (not "cuda") must not break the gate."""
+    def on(index):
+        report = _with_cuda_peak(profile_report, 1_000_000)
+        report["environment"]["device"] = f"cuda:{index}"
+        for r in report["results"]:
+            r["device"] = f"cuda:{index}"
+        return report
+
+    result = invoke("check", files("now.json", on(3)), "--baseline", files("base.json", on(0)))
+    assert result.exit_code == 0, result.output
+    assert "PASS: 6 case(s)" in result.stderr and "device type differs" not in result.stderr

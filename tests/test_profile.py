@@ -219,3 +219,21 @@ def test_unknown_attention_implementation():
     result = _invoke(["profile", *TINY, "--attn-implementation", "warp-speed"])
     assert result.exit_code == 2, result.output
     assert "warp-speed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_device_index_is_recorded_wherever_the_device_is(monkeypatch):
+    """`--device cuda:3` was recorded as "cuda" in every result and in the environment."""
+    from randbp_cli import memory
+    from randbp_cli.plans import ProfileConfig as Config
+    from randbp_cli.profiling import _case_result
+    from randbp_cli.report import environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
+    monkeypatch.setattr(memory, "nvml_info", lambda device: {"available": False, "reason": "a test"})
+    plan = Config(model="roberta-tiny", rhos=[0.5], sketches=["countsketch"], device="cuda:3").resolve()
+    assert plan.config_record()["device"] == "cuda:3"
+    assert _case_result(plan.cases[0], plan, "roberta-tiny", {}).device == "cuda:3"
+    env = environment(plan.device)
+    assert env["device"] == "cuda:3" and env["device_name"] == "GPU 3"
