@@ -224,7 +224,7 @@ def load_glue_dir(data_dir: str | Path, spec: TaskSpec) -> TaskData:
 def load_glue_hub(spec: TaskSpec, offline: bool = False) -> TaskData:
     import datasets
 
-    from .models import hub_reachable
+    from .models import hub_reachable, no_hub
 
     def from_datasets():
         return datasets.load_dataset("nyu-mll/glue", spec.name)
@@ -242,9 +242,9 @@ def load_glue_hub(spec: TaskSpec, offline: bool = False) -> TaskData:
         if data is None:
             folder = spec.tsv.folder if spec.tsv else spec.name
             raise DataUnavailableError(
-                f"GLUE task {spec.name} is not in the local datasets cache and the Hugging Face Hub is "
-                f"unreachable: pass --data-dir DIR holding GLUE's {folder}/train.tsv and dev files (or "
-                "train/validation .csv/.jsonl/.parquet), or use --task synthetic")
+                f"GLUE task {spec.name} is not in the local datasets cache and {no_hub(offline)}: pass --data-dir "
+                f"DIR holding GLUE's {folder}/train.tsv and dev files (or train/validation .csv/.jsonl/.parquet), "
+                "or use --task synthetic")
         source = "datasets-cache:nyu-mll/glue"
     else:
         try:

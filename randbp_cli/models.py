@@ -88,6 +88,11 @@ def hub_reachable(timeout_s: float = 1.5) -> bool:
         return False
 
 
+def no_hub(offline: bool) -> str:
+    """Why the Hub is not used: said as the user would recognise it."""
+    return "offline mode was asked for (--offline)" if offline else "the Hub is unreachable"
+
+
 def _auto_class(task: str):
     import transformers
 
@@ -217,11 +222,11 @@ def load_model(name: str, *, num_labels: int = 2, attn_implementation: str | Non
     if config_path is not None:
         model = _from_config(config_path, num_labels, attn_implementation, dtype, seed)
         return LoadedModel(model, name, "builtin-config", "random-init",
-                           "no checkpoint in the cache and the Hub is unreachable: the built-in "
+                           f"no checkpoint in the cache and {no_hub(offline)}: the built-in "
                            "architecture with random weights")
     raise ModelNotFoundError(
-        f"unknown model {name!r}: it is not a local directory, not in the Hugging Face cache, and the "
-        f"Hub is unreachable; use a built-in architecture ({', '.join(builtin_models())}) or a local "
+        f"unknown model {name!r}: it is not a local directory, not in the Hugging Face cache, and "
+        f"{no_hub(offline)}; use a built-in architecture ({', '.join(builtin_models())}) or a local "
         "checkpoint directory"
     )
 

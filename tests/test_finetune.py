@@ -202,3 +202,9 @@ def test_checkpoint_methods_side_by_side():
 def test_randomized_method_needs_rho():
     result = _finetune(["--task", "synthetic", "--method", "checkpoint+randomized"])
     assert result.exit_code == 2 and "needs at least one --rho" in result.stderr
+
+
+def test_offline_glue_without_data_says_offline_mode_was_asked_for():
+    result = _finetune([*TINY, "--task", "mrpc", "--offline"])
+    assert result.exit_code == 1 and "unreachable" not in result.stderr, result.stderr
+    assert "--offline" in result.stderr and "--data-dir" in result.stderr

@@ -237,3 +237,13 @@ def test_device_index_is_recorded_wherever_the_device_is(monkeypatch):
     assert _case_result(plan.cases[0], plan, "roberta-tiny", {}).device == "cuda:3"
     env = environment(plan.device)
     assert env["device"] == "cuda:3" and env["device_name"] == "GPU 3"
+
+
+def test_offline_says_offline_mode_was_asked_for():
+    """--offline said 'the Hub is unreachable', as if the network had failed."""
+    result = _invoke(["profile", *TINY, "-b", "2", "--device", "cpu", "--offline", "--json"])
+    assert result.exit_code == 0, result.output
+    note = json.loads(result.stdout)["model"]["note"]
+    assert "unreachable" not in note and "--offline" in note
+    result = _invoke(["profile", "--model", "nobody/unknown-model", "--offline"])
+    assert result.exit_code == 2 and "unreachable" not in result.stderr and "--offline" in result.stderr
