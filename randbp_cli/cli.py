@@ -6,6 +6,7 @@ Every user mistake becomes one line on stderr and an exit code (2 usage, 1 runti
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -196,7 +197,9 @@ def profile(
     if output is not None:
         check_writable(output)
     if check is not None:  # a bad baseline should fail before minutes of profiling, not after
-        baseline = load_report(check, PROFILE_SCHEMA)
+        baseline = load_report(check, PROFILE_SCHEMA, if_missing=(
+            f"create it on purpose, with -o {shlex.quote(str(check))} instead of --check, or with randbp check "
+            f"CURRENT --baseline {shlex.quote(str(check))} --update"))
         tolerances = _tolerances(tolerance_peak, tolerance_time)
     with phase_progress(plan.total_steps) as progress:
         report = profile_model(plan, progress)
@@ -225,8 +228,9 @@ def check(
         write_json_atomic(baseline, report.to_dict())
         note(f"baseline {baseline} rewritten from {current} ({len(report.results)} cases)")
         return
-    _judge(report, load_report(baseline, PROFILE_SCHEMA), tolerances, quiet=json_output, show_all=show_all,
-           json_result=json_output)
+    create = f"randbp check {shlex.quote(str(current))} --baseline {shlex.quote(str(baseline))} --update"
+    _judge(report, load_report(baseline, PROFILE_SCHEMA, if_missing=f"create it on purpose with: {create}"), tolerances,
+           quiet=json_output, show_all=show_all, json_result=json_output)
 
 
 @app.command()

@@ -423,14 +423,16 @@ class BenchmarkOutput:
         return output if output.checks or output.reports or output.tables else None
 
 
-def load_report(path: str | Path, expect: str | None = None) -> Report | BenchmarkOutput:
+def load_report(path: str | Path, expect: str | None = None, *,
+                if_missing: str | None = None) -> Report | BenchmarkOutput:
     """Read a randbp JSON report; `expect` = the schema it must have (name and version). Without
-    `expect`, a benchmark's output is read too (`BenchmarkOutput`)."""
+    `expect`, a benchmark's output is read too (`BenchmarkOutput`). `if_missing`: what to do when
+    the file does not exist, said after that."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ReportError(f"report {str(path)!r} does not exist") from None
+        raise ReportError(f"report {str(path)!r} does not exist{': ' + if_missing if if_missing else ''}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ReportError(f"cannot read report {str(path)!r}: {getattr(err, 'strerror', None) or err}") from None
     try:

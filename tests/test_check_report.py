@@ -500,3 +500,11 @@ def test_a_baseline_from_one_gpu_judges_a_run_on_another(files, profile_report):
     result = invoke("check", files("now.json", on(3)), "--baseline", files("base.json", on(0)))
     assert result.exit_code == 0, result.output
     assert "PASS: 6 case(s)" in result.stderr and "device type differs" not in result.stderr
+
+
+def test_a_missing_baseline_says_how_to_create_it(files, profile_report, tmp_path):
+    current = files("now.json", profile_report)
+    _one_error_line(invoke("check", current, "--baseline", tmp_path / "base.json"), "base.json' does not exist",
+                    f"randbp check {current} --baseline {tmp_path / 'base.json'} --update")
+    _one_error_line(invoke("profile", "--model", "roberta-tiny", "--check", tmp_path / "base.json"),
+                    "base.json' does not exist", f"-o {tmp_path / 'base.json'}", "--update")
