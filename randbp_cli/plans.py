@@ -258,6 +258,10 @@ class VarianceConfig(FinetuneConfig):
             raise ConfigError(f"--steps must be 0 or more (got {self.steps})")
         if self.every < 1:
             raise ConfigError(f"--every must be at least 1 (got {self.every})")
+        if self.batch_size == 1:  # checked now: it would fail at the first measurement, after loading and training
+            raise ConfigError("--batch-size 1: variance compares with the mini-batch (SGD) variance, which needs at "
+                              "least 2 examples per batch (the classifier head sees one row per example: B − 1 = 0); "
+                              "use --batch-size 2 or more")
         return VariancePlan(**common, rho=rho, sketches=sketches, train_method=train)
 
 

@@ -160,3 +160,27 @@ def test_measuring_does_not_change_the_training_it_measures():
     (few, measured_few), (many, _) = losses(2), losses(6)
     assert few == many
     assert measured_few == losses(2)[1]  # and the measurement itself is reproducible
+
+
+def test_batch_size_one_fails_before_anything_is_loaded(monkeypatch):
+    """`--batch-size 1` ran 73 s (data, model, training) before failing at the first measurement."""
+    import randbp_cli.variance
+
+    def never(plan):
+        raise AssertionError("loaded data and model for a batch size that cannot be measured")
+
+    monkeypatch.setattr(randbp_cli.variance, "load_model_and_task", never)
+    result = runner.invoke(app, ["variance", "--task", "synthetic", "--batch-size", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--batch-size 1" in lines[0] and "at least 2" in lines[0], result.stderr
+
+
+def test_a_short_last_batch_is_not_measured():
+    """9 examples at batch 8 left a last batch of one sequence: the classifier head saw one row and
+    the run failed mid-way. Partial batches are dropped; every measured batch is a full one."""
+    result = runner.invoke(app, ["variance", "--task", "synthetic", "--max-train-samples", "9", "--batch-size", "8",
+                                 "--layer", "classifier.out_proj", "--steps", "2", "--every", "1", "--repeats", "2",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["rows"] for r in json.loads(result.stdout)["records"]] == [8, 8, 8]
