@@ -184,3 +184,15 @@ def test_a_short_last_batch_is_not_measured():
                                  "--json"])
     assert result.exit_code == 0, result.output
     assert [r["rows"] for r in json.loads(result.stdout)["records"]] == [8, 8, 8]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal():
+    """variance printed nothing for minutes in a CI log; like profile it now says where it is, in plain lines."""
+    result = runner.invoke(app, ["variance", *TINY, "--layer", "roberta.encoder.layer.0.output.dense", "--repeats",
+                                 "2", "--steps", "20", "--every", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "variance: 20 steps"
+    assert [line.split(",")[0] for line in lines[1:]] == [f"variance: step {s}/20" for s in (2, 4, 6, 8, 10, 12, 14,
+                                                                                            16, 18, 20)]
+    assert "\x1b" not in result.stderr  # no bar, no colour codes
