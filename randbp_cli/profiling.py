@@ -181,6 +181,22 @@ def _isolated_case(plan: ProfilePlan, case: ProfileCase) -> ProfileResult:
     return _profile_in_process(loaded.model, loaded.name, plan, (case,), None)[0]
 
 
+def _transformers_chatter() -> tuple[int, bool]:
+    """This process's transformers log level and progress-bar switch, for a fresh process to take."""
+    from transformers.utils import logging
+
+    return logging.get_verbosity(), logging.is_progress_bar_enabled()
+
+
+def _chatter_as(verbosity: int, bars: bool) -> None:
+    """A fresh process says as much as its parent (the CLI quiets transformers' loading report and bars)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity(verbosity)
+    if not bars:
+        logging.disable_progress_bar()
+
+
 def _profile_isolated(plan: ProfilePlan, progress: Progress | None) -> list[ProfileResult]:
     context = multiprocessing.get_context("spawn")
     results = []
@@ -188,8 +204,10 @@ def _profile_isolated(plan: ProfilePlan, progress: Progress | None) -> list[Prof
     for i, case in enumerate(plan.cases):
         if progress:
             progress(f"isolated process: {case.label}", i * per_case)
-        with context.Pool(1) as pool:
+        with context.Pool(1, initializer=_chatter_as, initargs=_transformers_chatter()) as pool:
             results.append(pool.apply(_isolated_case, (plan, case)))
+            pool.close()  # let the worker exit, rather than terminate() it: no leaked semaphores reported
+            pool.join()
     if progress:
         progress("done", len(plan.cases) * per_case)
     return results
