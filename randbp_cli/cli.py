@@ -159,16 +159,19 @@ def _judge(current: ProfileReport, baseline: ProfileReport, tolerances: dict, *,
 def profile(
     model: Annotated[str, typer.Option(help="Built-in architecture (roberta-base, roberta-tiny), hub id, "
                                             "or local checkpoint / config directory.")] = "roberta-base",
-    rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Compression rate in (0, 1]. "
-                                                       "Repeat for a sweep. [default: 0.5]")] = None,
-    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", help=SKETCHES_HELP)] = None,
+    rho: Annotated[Optional[list[float]], typer.Option("--rho", metavar="RHO", help="Compression rate in (0, 1]. "
+                                                       "Repeat the option for a sweep (--rho 0.5 --rho 0.1). "
+                                                       "[default: 0.5]")] = None,
+    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", metavar="SKETCH", help=SKETCHES_HELP)] = None,
     method: Annotated[Optional[list[str]], typer.Option(
-        "--method", help="Besides the exact baseline: randomized, checkpoint (Hugging Face activation "
-                         "checkpointing), checkpoint+randomized. Repeatable. [default: randomized]")] = None,
+        "--method", metavar="METHOD", help="Besides the exact baseline: randomized, checkpoint (Hugging Face "
+                                           "activation checkpointing), checkpoint+randomized. Repeat the option "
+                                           "for several. [default: randomized]")] = None,
     budget_mib: Annotated[Optional[float], typer.Option(help="Also find, by measuring, the largest batch whose "
                                                         "activations fit this many MiB, per method.")] = None,
     batch_size: Annotated[Optional[list[int]], typer.Option(
-        "--batch-size", "-b", help="Batch size; repeat for several. [default: 8]")] = None,
+        "--batch-size", "-b", metavar="N", help="Batch size. Repeat the option for several (-b 8 -b 32). "
+                                                "[default: 8]")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -235,9 +238,10 @@ def check(
 
 @app.command()
 def report(
-    files: Annotated[list[Path], typer.Argument(help="randbp JSON reports (profile, finetune or variance) or a "
-                                                "benchmark's output (its checks, embedded reports and tables); "
-                                                "several profile reports merge into one comparison.")],
+    files: Annotated[list[Path], typer.Argument(metavar="FILE.json", help="One or more randbp JSON reports "
+                                                "(profile, finetune or variance) or a benchmark's output (its "
+                                                "checks, embedded reports and tables); several profile reports "
+                                                "merge into one comparison.")],
     plot: Annotated[Optional[Path], typer.Option(help="Also write a PNG: memory and time vs batch size "
                                                       "(profile), loss and metric per epoch (finetune), "
                                                       "ratio over steps (variance).")] = None,
@@ -266,13 +270,14 @@ def report(
 def finetune(
     task: TaskOpt = "mrpc",
     model: ModelOpt = None,
-    rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Randomize every linear layer at this "
-                                                       "compression rate; repeat for several runs. Without it: "
-                                                       "exact training.")] = None,
+    rho: Annotated[Optional[list[float]], typer.Option("--rho", metavar="RHO", help="Randomize every linear layer "
+                                                       "at this compression rate. Repeat the option for several "
+                                                       "runs. Without it: exact training.")] = None,
     compare: Annotated[bool, typer.Option(help="Add an exact run beside the --rho runs (same data, same "
                                                "seed).")] = False,
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="Runs to make: exact, randomized (one per "
-                                                        "--rho), checkpoint, checkpoint+randomized. Repeatable. "
+    method: Annotated[Optional[list[str]], typer.Option("--method", metavar="METHOD", help="Runs to make: exact, "
+                                                        "randomized (one per --rho), checkpoint, "
+                                                        "checkpoint+randomized. Repeat the option for several. "
                                                         "[default: exact and/or randomized from --rho]")] = None,
     sketch: Annotated[str, typer.Option(help=SKETCH_HELP)] = DEFAULT_SKETCH,
     include: IncludeOpt = None,
@@ -349,10 +354,10 @@ def variance(
     task: TaskOpt = "synthetic",
     model: ModelOpt = None,
     rho: Annotated[float, typer.Option(help="Compression rate whose variance is measured.")] = 0.5,
-    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", help=SKETCHES_HELP)] = None,
-    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Measure linear layers matching this "
-                                                       "pattern (suffix, glob, re:REGEX); repeatable. "
-                                                       "[default: every linear layer]")] = None,
+    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", metavar="SKETCH", help=SKETCHES_HELP)] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", metavar="PATTERN", help="Measure linear layers "
+                                                       "matching this pattern (suffix, glob, re:REGEX). Repeat the "
+                                                       "option for several. [default: every linear layer]")] = None,
     repeats: Annotated[int, typer.Option(help="Sketches drawn per measurement for the empirical D²_RMM.")] = 64,
     steps: Annotated[int, typer.Option(help="Fine-tune this many steps, measuring every --every steps "
                                             "(0: measure the first batch only).")] = 0,

@@ -17,7 +17,8 @@ from .errors import RandbpError
 from .methods import DEFAULT_SKETCH
 from .sketches import sketch_names
 
-SKETCHES_HELP = f"Sketch: {', '.join(sketch_names())}. Repeat for several. [default: {DEFAULT_SKETCH}]"
+SKETCHES_HELP = (f"Sketch: {', '.join(sketch_names())}. Repeat the option for several (--sketch gaussian --sketch "
+                 f"countsketch). [default: {DEFAULT_SKETCH}]")
 SKETCH_HELP = f"Sketch: {', '.join(sketch_names())}."
 
 # every command
@@ -28,10 +29,11 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for weights, data, dropout and 
 DtypeOpt = Annotated[str, typer.Option(help="Model dtype: float32, bfloat16, float16, float64.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 OfflineOpt = Annotated[bool, typer.Option(help="Never contact the Hugging Face Hub.")]
-IncludeOpt = Annotated[Optional[list[str]], typer.Option(help="Only randomize linear layers matching this name "
-                                                              "pattern (suffix, glob or re:REGEX); repeatable.")]
-ExcludeOpt = Annotated[Optional[list[str]], typer.Option(help="Never randomize layers matching this pattern; "
-                                                              "repeatable.")]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Only randomize linear layers "
+                                                          "matching this name pattern (suffix, glob or re:REGEX). "
+                                                          "Repeat the option for several.")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Never randomize layers matching "
+                                                          "this pattern. Repeat the option for several.")]
 TolerancePeakOpt = Annotated[str, typer.Option(help="Allowed CUDA peak growth, e.g. 5% or 0.05.")]
 ToleranceTimeOpt = Annotated[Optional[str], typer.Option(help="Allowed step-time growth; without it time is "
                                                               "informational.")]
