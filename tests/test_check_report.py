@@ -508,3 +508,27 @@ def test_a_missing_baseline_says_how_to_create_it(files, profile_report, tmp_pat
                     f"randbp check {current} --baseline {tmp_path / 'base.json'} --update")
     _one_error_line(invoke("profile", "--model", "roberta-tiny", "--check", tmp_path / "base.json"),
                     "base.json' does not exist", f"-o {tmp_path / 'base.json'}", "--update")
+
+
+def test_readme_check_block_runs_top_to_bottom(tmp_path, monkeypatch):
+    """The README's `randbp check` block checked against a baseline only its last line created.
+    Run as written, on the tiny model (roberta-base's minute per profile swapped out), in a fresh folder."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Guarding memory in CI", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split(" #", 1)[0] for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    commands = [shlex.split(line) for line in lines]
+    assert [c[:2] for c in commands] == [["randbp", "profile"], ["randbp", "check"], ["randbp", "check"],
+                                         ["randbp", "profile"]]
+    tiny = ["--model", "roberta-tiny", "--seq-len", "16", "--steps", "1", "--warmup", "0"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "baselines").mkdir(parents=True)
+    for command in commands:
+        args = command[1:]
+        if args[0] == "profile":
+            args = [a for i, a in enumerate(args) if a != "--model" and (i == 0 or args[i - 1] != "--model")]
+            args = [args[0], *tiny, *args[1:]]
+        result = invoke(*args)
+        assert result.exit_code == 0, (command, result.output)
