@@ -6,6 +6,7 @@ table or writes a figure. Plots are headless (Agg) and carry units on their axes
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def profile_table(report: ProfileReport) -> Table:
     columns = ["method", "ρ", "sketch", "batch", "seq", "activations MiB", "vs exact"]
     columns += ["act. peak MiB"] * show_peak + ["CUDA peak MiB"] * show_cuda + ["NVML peak MiB"] * show_nvml
     columns += ["step ms", "time × exact"]
-    columns += [f"max batch ≤ {budget['budget_bytes'] / MiB:g} MiB"] if budget else []
+    budget_bytes = (budget or {}).get("budget_bytes")
+    columns += [f"max batch ≤ {'?' if budget_bytes is None else f'{budget_bytes / MiB:g}'} MiB"] if budget else []
     _columns(table, columns, left=("method", "sketch"))
     for r in results:
         saving = r.activation_saving_vs_exact
@@ -79,7 +81,7 @@ def profile_table(report: ProfileReport) -> Table:
         row += ["—" if median is None else f"{1000 * median:,.1f}", "—" if ratio is None else f"{ratio:.2f}×"]
         if budget:
             found = r.budget
-            row.append("" if not found else f"{found['max_batch_size']}{'+' if found['capped'] else ''}")
+            row.append("" if not found else f"{_fmt(found.get('max_batch_size'))}{'+' if found.get('capped') else ''}")
         table.add_row(*row, style="bold" if r.method == "exact" else None)
     return table
 
@@ -90,7 +92,7 @@ def _profile_caption(report: ProfileReport) -> str:
              f"dtype {config.get('dtype', '?')}",
              f"median of {config.get('steps', '?')} steps after {config.get('warmup', '?')} warm-up"]
     nvml = env.get("nvml") or {}
-    if config.get("device", "cpu").startswith("cuda") and not nvml.get("available"):
+    if (config.get("device") or "cpu").startswith("cuda") and not nvml.get("available"):
         parts.append(f"NVML unavailable: {nvml.get('reason', 'unknown')}")
     return "; ".join(parts)
 
@@ -394,7 +396,7 @@ def plot_variance(report: VarianceReport, path, image_format: str = "png") -> No
     for r in report.records:
         series.setdefault((r.layer, r.sketch), []).append(r)
     layers = list(dict.fromkeys(layer for layer, _ in series))
-    markers = dict(zip(dict.fromkeys(s for _, s in series), "os^Dvx"))
+    markers = dict(zip(dict.fromkeys(s for _, s in series), itertools.cycle("os^Dvx*")))  # 7 sketches
     for (layer, sketch), rows in series.items():
         color = colors[layers.index(layer) % len(colors)]
         ax.plot([r.step for r in rows], [r.ratio for r in rows], marker=markers[sketch], color=color,

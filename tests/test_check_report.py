@@ -532,3 +532,18 @@ def test_readme_check_block_runs_top_to_bottom(tmp_path, monkeypatch):
             args = [args[0], *tiny, *args[1:]]
         result = invoke(*args)
         assert result.exit_code == 0, (command, result.output)
+
+
+def test_odd_but_valid_reports_render(tmp_path, files, profile_report, variance_report):
+    """Null where a key may be null, an object without the keys a table reads, more sketches than
+    plot markers: each rendered, none a traceback."""
+    profile = _doctored(profile_report, lambda d: d["config"].__setitem__("device", None))
+    profile["results"][0]["budget"] = {"capped": True}  # no budget_bytes, no max_batch_size
+    result = invoke("report", files("p.json", profile))
+    assert result.exit_code == 0, result.output
+    assert "max batch ≤ ? MiB" in result.stdout
+    names = ["balanced", "gaussian", "rademacher", "countsketch", "srht", "crs", "wta-crs"]
+    variance = copy.deepcopy(variance_report)
+    variance["records"] = [dict(variance["records"][0], sketch=name) for name in names]
+    result = invoke("report", files("v.json", variance), "--plot", tmp_path / "v.png")
+    assert result.exit_code == 0, result.output
