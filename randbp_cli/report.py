@@ -3,8 +3,11 @@
 Every report is a dataclass whose `to_dict()` is exactly its JSON document: a `schema` with a
 version first, then the environment, the config and the measurements, with units in the key
 names. `load_report` is the one place a report file is read back (`randbp check`, `randbp
-report`): it checks the schema and returns the typed object. Keys a report has and this
-version does not know are kept (`extra`) and written back as they were.
+report`): it checks the schema and the shape (each record's `from_dict`: every field against its
+annotation, the keys read from its objects against `SHAPES`, the keys it cannot be without in
+`REQUIRED`; shapes.py) and returns the typed object, or, for a benchmark script's output, a
+`BenchmarkOutput`. Keys a report has and this version does not know are kept (`extra`) and
+written back as they were.
 
 Rendering (tables, Markdown, plots) lives in render.py; nothing here imports a UI library.
 """
@@ -18,7 +21,6 @@ import platform
 import stat
 import subprocess
 import tempfile
-import types
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -28,6 +30,7 @@ from typing import ClassVar
 import torch
 
 from .errors import ConfigError, OutputError, ReportError, ReportWriteError
+from .shapes import at, check_shape, or_null, shown
 
 PROFILE_SCHEMA = "randbp.profile/1"
 FINETUNE_SCHEMA = "randbp.finetune/1"
@@ -37,69 +40,7 @@ CHECK_SCHEMA = "randbp.check/1"
 
 # ---------------------------------------------------------------------------- typed reports
 
-
-# ---------------------------------------------------------------------------- shapes
-
-# A report is read back from a file a person or a tool may have edited, so its shape is checked
-# once, where it is loaded: every field against its annotation, and the keys the code reads out
-# of a field's object against `SHAPES` (a dict literal: an object whose listed keys, where present
-# and not null, have those types; `dict[str, X]`: every value an X). A mistake is a ReportError
-# that names the key path: `results[2].activation_bytes must be an integer (got "912MB")`.
-
-
-def _shown(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _at(where: str, key) -> str:
-    if isinstance(key, int):
-        return f"{where}[{key}]"
-    return f"{where}.{key}" if where else str(key)
-
-
-_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
-          list: "a list"}
-
-
-def _is(value, kind: type) -> bool:
-    if isinstance(value, bool) and kind is not bool:  # JSON's true is not the number 1
-        return False
-    if kind is int:  # a whole number written as 12.0 is still a count
-        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if kind is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, kind)
-
-
-def check_shape(value, spec, where: str) -> None:
-    """Raise ReportError unless `value` fits `spec` (a type, `X | None`, `list[X]`, `dict[str, X]`,
-    or a dict literal of keys and their specs)."""
-    if isinstance(spec, _Nullable):
-        if value is not None:
-            check_shape(value, spec.shape, where)
-        return
-    if isinstance(spec, dict):
-        if not isinstance(value, dict):
-            raise ReportError(f"{where} must be an object (got {_shown(value)})")
-        for key, item_spec in spec.items():
-            if value.get(key) is not None:
-                check_shape(value[key], item_spec, _at(where, key))
-        return
-    origin, args = typing.get_origin(spec), typing.get_args(spec)
-    if origin in (typing.Union, types.UnionType):  # X | None: the reports know no other unions
-        if value is not None:
-            check_shape(value, next(arg for arg in args if arg is not type(None)), where)
-        return
-    kind = origin or spec
-    if not _is(value, kind):
-        raise ReportError(f"{where} must be {_NAMES[kind]} (got {_shown(value)})")
-    if origin is list and args:
-        for index, item in enumerate(value):
-            check_shape(item, args[0], _at(where, index))
-    elif origin is dict and len(args) == 2:
-        for key, item in value.items():
-            check_shape(item, args[1], _at(where, key))
+_BOOKKEEPING = frozenset({"extra", "missing", "source"})  # dataclass fields that are not JSON keys
 
 
 @functools.cache
@@ -112,21 +53,9 @@ def _field_specs(cls) -> dict:
             continue
         hint, shape = hints[f.name], cls.SHAPES.get(f.name)
         if shape is not None and type(None) in typing.get_args(hint):
-            shape = _Nullable(shape) if isinstance(shape, dict) else shape | None
+            shape = or_null(shape)
         specs[f.name] = hint if shape is None else shape
     return specs
-
-
-@dataclass(frozen=True)
-class _Nullable:
-    """An object shape (a dict literal) that may also be null."""
-
-    shape: dict
-
-
-# ---------------------------------------------------------------------------- typed reports
-
-_BOOKKEEPING = frozenset({"extra", "missing", "source"})  # dataclass fields that are not JSON keys
 
 
 @dataclass(kw_only=True)
@@ -155,7 +84,7 @@ class Record:
         """The record of a JSON object, its shape checked (a ReportError naming the key path
         otherwise): what a report read back holds is written back unchanged."""
         if not isinstance(data, dict):
-            raise ReportError(f"{where or 'the report'} must be an object (got {_shown(data)})")
+            raise ReportError(f"{where or 'the report'} must be an object (got {shown(data)})")
         specs = _field_specs(cls)
         for name in sorted(cls.REQUIRED):
             if data.get(name) is None:
@@ -163,10 +92,10 @@ class Record:
         known = {key: value for key, value in data.items() if key in specs}
         for name, value in known.items():
             if name in cls.ROWS and isinstance(value, list):
-                known[name] = [cls.ROWS[name].from_dict(item, _at(_at(where, name), index))
+                known[name] = [cls.ROWS[name].from_dict(item, at(at(where, name), index))
                                for index, item in enumerate(value)]
             else:
-                check_shape(value, specs[name], _at(where, name))
+                check_shape(value, specs[name], at(where, name))
         return cls(**known, extra={key: value for key, value in data.items() if key not in specs},
                    missing=frozenset(specs.keys() - known.keys()))
 
@@ -415,7 +344,7 @@ class BenchmarkOutput:
             if key in cls.NOT_SHOWN:
                 continue
             items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-            embedded = [(_at(_at("", key), name), _embedded(item, _at(_at("", key), name))) for name, item in items]
+            embedded = [(at(at("", key), name), _embedded(item, at(at("", key), name))) for name, item in items]
             if embedded and all(report is not None for _, report in embedded):
                 output.reports += embedded
             elif _records(value) is not None:
