@@ -140,9 +140,12 @@ class TaskInputs:
 
 
 def load_task_model(plan: TrainingPlan, num_labels: int) -> LoadedModel:
-    """The plan's model with a head for `num_labels`: the same initial weights on every call."""
-    return load_model(plan.model_name, num_labels=num_labels, dtype=plan.dtype, offline=plan.config.offline,
-                      seed=plan.config.seed)
+    """The plan's model with a head for `num_labels`: the same initial weights on every call. A method
+    the plan trains in that the model cannot run fails here, before any training."""
+    loaded = load_model(plan.model_name, num_labels=num_labels, dtype=plan.dtype, offline=plan.config.offline,
+                        seed=plan.config.seed)
+    check_methods_supported(loaded.model, plan.trained_methods)
+    return loaded
 
 
 def load_model_and_task(plan: TrainingPlan) -> tuple[LoadedModel, TaskInputs]:
@@ -155,7 +158,6 @@ def load_model_and_task(plan: TrainingPlan) -> tuple[LoadedModel, TaskInputs]:
     else:
         loaded = load_task_model(plan, plan.task.num_labels)
         data = load_task_data(plan, loaded.model.config.vocab_size)
-    check_methods_supported(loaded.model, plan.trained_methods)
     max_length = min(config.max_length, max_sequence_length(loaded.model))
     if config.include or config.exclude:
         select_linears(loaded.model, config.include, config.exclude)  # a pattern that matches nothing fails now
