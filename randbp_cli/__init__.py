@@ -10,7 +10,7 @@ Library:
     model = restore_savers(model)
 """
 
-from .convert import convert, converted_names, describe_conversion, restore, select_linears
+from .convert import convert, converted_names, describe_conversion, restore, select_linears, skipped_linears
 from .errors import ConfigError, RandbpError
 from .layers import RandomizedLinear, RandomizedLinearFunction, randomized_linear
 from .memory import SavedTensorCounter, count_saved_bytes
@@ -23,5 +23,5 @@ __all__ = [
     "ConfigError", "RandbpError", "RandomizedLinear", "RandomizedLinearFunction", "SavedTensorCounter",
     "Sketch", "apply_savers", "convert", "converted_names", "count_saved_bytes", "describe_conversion",
     "describe_savers", "get_sketch", "randomized_linear", "restore", "restore_savers", "saver_names",
-    "select_linears", "sketch_names", "sketch_rows", "__version__",
+    "select_linears", "sketch_names", "sketch_rows", "skipped_linears", "__version__",
 ]

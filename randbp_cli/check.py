@@ -8,8 +8,10 @@ Cases match on (model, method, ρ, sketch, batch size, sequence length, dtype, d
   step_time_s.median       shown; fails only beyond `tolerance_time` when one is given
 
 A baseline case missing from the current report, a report that is not a profile report of
-this schema version, or two reports with no case in common are usage problems (exit 2), not
-passes: a gate that silently compares nothing protects nothing.
+this schema version, two reports with no case in common, or a guarded metric missing from either
+report (`activation_bytes` always, the CUDA peak where either report has one or the case ran on
+CUDA, step time when it has a tolerance) are usage problems (exit 2), not passes: a gate that
+silently compares nothing protects nothing.
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ from .report import CHECK_SCHEMA, ProfileReport, ProfileResult
 
 
 def case_key(report: ProfileReport, result: ProfileResult) -> tuple:
+    """What a case is; the device by its type, so a baseline made on cuda:0 judges a run on cuda:3.
+    Savers and the compile mode are part of it (absent in older reports: none, eager)."""
     model = result.model or (report.model or {}).get("name")
-    return (model, result.method, result.rho, result.sketch, result.batch_size, result.seq_len, result.dtype,
-            result.device)
+    device = None if result.device is None else result.device.split(":")[0]
+    return (model, result.method, result.rho, result.sketch, tuple(result.savers or ()), result.compile,
+            result.batch_size, result.seq_len, result.dtype, device)
 
 
 def describe_key(key: tuple) -> str:
-    model, method, rho, sketch, batch, seq, dtype, device = key
-    return f"{model} {method_label(method, rho, sketch)} b={batch} seq={seq} {dtype} {device}"
+    model, method, rho, sketch, savers, compile_mode, batch, seq, dtype, device = key
+    compiled = f" compiled ({compile_mode})" if compile_mode else ""
+    return f"{model} {method_label(method, rho, sketch, savers)}{compiled} b={batch} seq={seq} {dtype} {device}"
 
 
 @dataclass
@@ -89,13 +95,44 @@ def _nested(name: str, key: str) -> Callable[[ProfileResult], float | None]:
     return get
 
 
-# (how to read it from a result, the name shown, which tolerance gates it; None: informational)
+# (how to read it from a result, the name shown, which tolerance gates it (None: informational),
+#  its key in the report)
 _METRICS = [
-    (lambda r: r.activation_bytes, "activation_bytes", "activation"),
-    (_nested("cuda", "peak_allocated_bytes"), "cuda_peak_bytes", "peak"),
-    (_nested("nvml", "peak_used_bytes"), "nvml_peak_bytes", None),
-    (_nested("step_time_s", "median"), "step_time_s", "time"),
+    (lambda r: r.activation_bytes, "activation_bytes", "activation", "activation_bytes"),
+    (_nested("cuda", "peak_allocated_bytes"), "cuda_peak_bytes", "peak", "cuda.peak_allocated_bytes"),
+    (_nested("nvml", "peak_used_bytes"), "nvml_peak_bytes", None, "nvml.peak_used_bytes"),
+    (_nested("step_time_s", "median"), "step_time_s", "time", "step_time_s.median"),
 ]
+
+
+def _guarded(tolerance_name: str | None, tolerances: dict, results: list[ProfileResult]) -> bool:
+    """Whether the gate judges this metric for these results (the same case in each report): then
+    a report without it is an error, never a pass."""
+    if tolerance_name == "activation":
+        return True
+    if tolerance_name is None or tolerances.get(tolerance_name) is None:
+        return False
+    if tolerance_name == "peak":  # the CUDA peak exists only on CUDA
+        return any((r.device or "").startswith("cuda") or r.cuda is not None for r in results)
+    return True
+
+
+def require_guarded(report: ProfileReport, result: ProfileResult, tolerances: dict,
+                    results: list[ProfileResult] | None = None) -> None:
+    """A ReportError naming the file, the case and the metric, when `result` lacks a metric the
+    gate judges (`results`: the same case in every report compared, which decide what is judged)."""
+    for read, _, tolerance_name, key in _METRICS:
+        if _guarded(tolerance_name, tolerances, results or [result]) and read(result) is None:
+            index = next(i for i, r in enumerate(report.results) if r is result)
+            raise ReportError(f"{report.source or 'the new profile report'}: results[{index}] "
+                              f"({describe_key(case_key(report, result))}) has no {key}, which the gate guards; "
+                              "profile the case again (and --update the baseline on purpose)")
+
+
+def require_judgeable(report: ProfileReport) -> None:
+    """Refuse, as a baseline, a report the gate could not judge against (`check --update`)."""
+    for result in report.results:
+        require_guarded(report, result, {"peak": 0.0})
 
 
 def environment_warnings(current: ProfileReport, baseline: ProfileReport) -> list[str]:
@@ -103,8 +140,11 @@ def environment_warnings(current: ProfileReport, baseline: ProfileReport) -> lis
     warnings = []
     env_now, env_base = current.environment or {}, baseline.environment or {}
     for key, label in (("torch", "torch version"), ("device", "device type"), ("transformers", "transformers version")):
-        if env_now.get(key) != env_base.get(key):
-            warnings.append(f"{label} differs: baseline {env_base.get(key)!r}, now {env_now.get(key)!r}")
+        now, base = env_now.get(key), env_base.get(key)
+        if key == "device":  # cuda:0 and cuda:3 are the same kind of device
+            now, base = (None if value is None else value.split(":")[0] for value in (now, base))
+        if now != base:
+            warnings.append(f"{label} differs: baseline {base!r}, now {now!r}")
     dtype_now = (current.config or {}).get("dtype")
     dtype_base = (baseline.config or {}).get("dtype")
     if dtype_now != dtype_base:
@@ -131,7 +171,9 @@ def compare_reports(current: ProfileReport, baseline: ProfileReport, *, toleranc
     result = CheckResult(matched=len(common), new_cases=[describe_key(k) for k in now if k not in base],
                          warnings=environment_warnings(current, baseline))
     for key in common:
-        for read, metric, tolerance_name in _METRICS:
+        for report, case in ((baseline, base[key]), (current, now[key])):
+            require_guarded(report, case, tolerances, [base[key], now[key]])
+        for read, metric, tolerance_name, _ in _METRICS:
             old, new = read(base[key]), read(now[key])
             if old is None or new is None:
                 continue

@@ -6,6 +6,7 @@ Every user mistake becomes one line on stderr and an exit code (2 usage, 1 runti
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ except ImportError:  # older typer: plain click
     from click import ClickException as _UsageError
 
 from . import __version__, distributed
-from .check import compare_reports, parse_tolerance
+from .check import compare_reports, parse_tolerance, require_judgeable
 from .cli_console import note, one_line, out_console, phase_progress, stop_on_signals, training_progress
 from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt, DeviceOpt,
                           DtypeOpt, ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt, MaxLengthOpt,
@@ -33,7 +34,7 @@ from .finetune import finetune_model
 from .methods import DEFAULT_SKETCH
 from .plans import FinetuneConfig, FinetunePlan, ProfileConfig, VarianceConfig
 from .profiling import profile_model
-from .render import check_image_path, check_table, table_to_markdown, tables_for, write_plot
+from .render import check_image_path, check_plottable, check_table, plottable, table_to_markdown, tables_for, write_plot
 from .report import (PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, check_writable, load_report, to_json,
                      write_json_atomic)
 from .variance import measure_variance
@@ -115,8 +116,10 @@ def _deliver(report: Report, output: Optional[Path], json_output: bool, plot: Op
     report.command = command_line()
     if output is not None:
         write_json_atomic(output, report.to_dict())
-    if plot is not None:
+    if plot is not None and plottable([report]):
         write_plot([report], plot)
+    elif plot is not None:
+        note(f"nothing measured: no plot written to {plot}")
     if json_output:
         typer.echo(to_json(report.to_dict()))
         return
@@ -157,16 +160,19 @@ def _judge(current: ProfileReport, baseline: ProfileReport, tolerances: dict, *,
 def profile(
     model: Annotated[str, typer.Option(help="Built-in architecture (roberta-base, roberta-tiny), hub id, "
                                             "or local checkpoint / config directory.")] = "roberta-base",
-    rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Compression rate in (0, 1]. "
-                                                       "Repeat for a sweep. [default: 0.5]")] = None,
-    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", help=SKETCHES_HELP)] = None,
+    rho: Annotated[Optional[list[float]], typer.Option("--rho", metavar="RHO", help="Compression rate in (0, 1]. "
+                                                       "Repeat the option for a sweep (--rho 0.5 --rho 0.1). "
+                                                       "[default: 0.5]")] = None,
+    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", metavar="SKETCH", help=SKETCHES_HELP)] = None,
     method: Annotated[Optional[list[str]], typer.Option(
-        "--method", help="Besides the exact baseline: randomized, checkpoint (Hugging Face activation "
-                         "checkpointing), checkpoint+randomized. Repeatable. [default: randomized]")] = None,
+        "--method", metavar="METHOD", help="Besides the exact baseline: randomized, checkpoint (Hugging Face "
+                                           "activation checkpointing), checkpoint+randomized. Repeat the option "
+                                           "for several. [default: randomized]")] = None,
     budget_mib: Annotated[Optional[float], typer.Option(help="Also find, by measuring, the largest batch whose "
                                                         "activations fit this many MiB, per method.")] = None,
     batch_size: Annotated[Optional[list[int]], typer.Option(
-        "--batch-size", "-b", help="Batch size; repeat for several. [default: 8]")] = None,
+        "--batch-size", "-b", metavar="N", help="Batch size. Repeat the option for several (-b 8 -b 32). "
+                                                "[default: 8]")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -199,7 +205,9 @@ def profile(
     if output is not None:
         check_writable(output)
     if check is not None:  # a bad baseline should fail before minutes of profiling, not after
-        baseline = load_report(check, PROFILE_SCHEMA)
+        baseline = load_report(check, PROFILE_SCHEMA, if_missing=(
+            f"create it on purpose, with -o {shlex.quote(str(check))} instead of --check, or with randbp check "
+            f"CURRENT --baseline {shlex.quote(str(check))} --update"))
         tolerances = _tolerances(tolerance_peak, tolerance_time)
     with phase_progress(plan.total_steps) as progress:
         report = profile_model(plan, progress)
@@ -224,17 +232,21 @@ def check(
     tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
     report = load_report(current, PROFILE_SCHEMA)
     if update:
+        require_judgeable(report)  # a baseline without the guarded numbers would fail every later check
         write_json_atomic(baseline, report.to_dict())
         note(f"baseline {baseline} rewritten from {current} ({len(report.results)} cases)")
         return
-    _judge(report, load_report(baseline, PROFILE_SCHEMA), tolerances, quiet=json_output, show_all=show_all,
-           json_result=json_output)
+    create = f"randbp check {shlex.quote(str(current))} --baseline {shlex.quote(str(baseline))} --update"
+    _judge(report, load_report(baseline, PROFILE_SCHEMA, if_missing=f"create it on purpose with: {create}"), tolerances,
+           quiet=json_output, show_all=show_all, json_result=json_output)
 
 
 @app.command()
 def report(
-    files: Annotated[list[Path], typer.Argument(help="randbp JSON reports (profile, finetune or variance); "
-                                                "several profile reports merge into one comparison.")],
+    files: Annotated[list[Path], typer.Argument(metavar="FILE.json", help="One or more randbp JSON reports "
+                                                "(profile, finetune or variance) or a benchmark's output (its "
+                                                "checks, embedded reports and tables); several profile reports "
+                                                "merge into one comparison.")],
     plot: Annotated[Optional[Path], typer.Option(help="Also write a PNG: memory and time vs batch size "
                                                       "(profile), loss and metric per epoch (finetune), "
                                                       "ratio over steps (variance).")] = None,
@@ -248,6 +260,7 @@ def report(
     if plot is not None:
         check_writable(plot)
         check_image_path(plot)
+        check_plottable(reports, plot)
     if output_format == "markdown":
         typer.echo("\n\n".join(table_to_markdown(t) for t in tables))
     else:
@@ -262,13 +275,14 @@ def report(
 def finetune(
     task: TaskOpt = "mrpc",
     model: ModelOpt = None,
-    rho: Annotated[Optional[list[float]], typer.Option("--rho", help="Randomize every linear layer at this "
-                                                       "compression rate; repeat for several runs. Without it: "
-                                                       "exact training.")] = None,
+    rho: Annotated[Optional[list[float]], typer.Option("--rho", metavar="RHO", help="Randomize every linear layer "
+                                                       "at this compression rate. Repeat the option for several "
+                                                       "runs. Without it: exact training.")] = None,
     compare: Annotated[bool, typer.Option(help="Add an exact run beside the --rho runs (same data, same "
                                                "seed).")] = False,
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="Runs to make: exact, randomized (one per "
-                                                        "--rho), checkpoint, checkpoint+randomized. Repeatable. "
+    method: Annotated[Optional[list[str]], typer.Option("--method", metavar="METHOD", help="Runs to make: exact, "
+                                                        "randomized (one per --rho), checkpoint, "
+                                                        "checkpoint+randomized. Repeat the option for several. "
                                                         "[default: exact and/or randomized from --rho]")] = None,
     sketch: Annotated[str, typer.Option(help=SKETCH_HELP)] = DEFAULT_SKETCH,
     include: IncludeOpt = None,
@@ -349,10 +363,10 @@ def variance(
     task: TaskOpt = "synthetic",
     model: ModelOpt = None,
     rho: Annotated[float, typer.Option(help="Compression rate whose variance is measured.")] = 0.5,
-    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", help=SKETCHES_HELP)] = None,
-    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Measure linear layers matching this "
-                                                       "pattern (suffix, glob, re:REGEX); repeatable. "
-                                                       "[default: every linear layer]")] = None,
+    sketch: Annotated[Optional[list[str]], typer.Option("--sketch", metavar="SKETCH", help=SKETCHES_HELP)] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", metavar="PATTERN", help="Measure linear layers "
+                                                       "matching this pattern (suffix, glob, re:REGEX). Repeat the "
+                                                       "option for several. [default: every linear layer]")] = None,
     repeats: Annotated[int, typer.Option(help="Sketches drawn per measurement for the empirical D²_RMM.")] = 64,
     steps: Annotated[int, typer.Option(help="Fine-tune this many steps, measuring every --every steps "
                                             "(0: measure the first batch only).")] = 0,
@@ -361,8 +375,9 @@ def variance(
                                                             "default: exact training.")] = None,
     train_sketch: Annotated[str, typer.Option(help="Sketch used for training with --train-rho.")] = DEFAULT_SKETCH,
     saver: Annotated[Optional[list[str]], typer.Option(
-        "--saver", help="Train with these activation savers (dropout, gelu:B); for gelu:B, also measure its "
-                        "gradient error on the real GELU inputs. Repeat for several.")] = None,
+        "--saver", metavar="NAME", help="Train with these activation savers (dropout, gelu:B); for gelu:B, also "
+                                        "measure its gradient error on the real GELU inputs. Repeat the option "
+                                        "for several.")] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     batch_size: BatchOpt = None,

@@ -54,18 +54,25 @@ def phase_progress(total: int):
 
 @contextmanager
 def training_progress(should_stop, enabled: bool = True):
-    """One bar per training run, a line per finished epoch; yields the engine's TrainCallbacks."""
+    """One bar per training run, a line per finished epoch; yields the engine's TrainCallbacks.
+    Not a terminal (a CI log): a line when a run starts and every tenth of its steps instead of a bar."""
     if not enabled:  # other ranks of a torchrun job: quiet, but they still hear the stop signal
         yield TrainCallbacks(should_stop=should_stop)
         return
     bar = _bar(TimeRemainingColumn(), disable=not err_console.is_terminal)
     tasks: dict[str, int] = {}
+    totals: dict[str, int] = {}
 
     def on_run_start(name, total):
-        tasks[name] = bar.add_task(name, total=total)
+        tasks[name], totals[name] = bar.add_task(name, total=total), total
+        if not err_console.is_terminal:
+            note(f"{name}: {total} steps" if total else f"{name}: starting")
 
     def on_step(name, step, loss, lr):
         bar.update(tasks[name], completed=step, description=f"{name}  loss {loss:.4f}  lr {lr:.2e}")
+        total = totals[name]
+        if not err_console.is_terminal and (step == total or step % max(1, total // 10) == 0):
+            note(f"{name}: step {step}/{total}, loss {loss:.4f}, lr {lr:.2e}")
 
     def on_epoch(name, entry):
         metrics = ", ".join(f"{split} {k} {v:.4f}" for split, m in (entry.get("eval") or {}).items()

@@ -17,7 +17,8 @@ from .errors import RandbpError
 from .methods import DEFAULT_SKETCH
 from .sketches import sketch_names
 
-SKETCHES_HELP = f"Sketch: {', '.join(sketch_names())}. Repeat for several. [default: {DEFAULT_SKETCH}]"
+SKETCHES_HELP = (f"Sketch: {', '.join(sketch_names())}. Repeat the option for several (--sketch gaussian --sketch "
+                 f"countsketch). [default: {DEFAULT_SKETCH}]")
 SKETCH_HELP = f"Sketch: {', '.join(sketch_names())}."
 
 # every command
@@ -28,14 +29,15 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for weights, data, dropout and 
 DtypeOpt = Annotated[str, typer.Option(help="Model dtype: float32, bfloat16, float16, float64.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 OfflineOpt = Annotated[bool, typer.Option(help="Never contact the Hugging Face Hub.")]
-IncludeOpt = Annotated[Optional[list[str]], typer.Option(help="Only randomize linear layers matching this name "
-                                                              "pattern (suffix, glob or re:REGEX); repeatable.")]
-ExcludeOpt = Annotated[Optional[list[str]], typer.Option(help="Never randomize layers matching this pattern; "
-                                                              "repeatable.")]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Only randomize linear layers "
+                                                          "matching this name pattern (suffix, glob or re:REGEX). "
+                                                          "Repeat the option for several.")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Never randomize layers matching "
+                                                          "this pattern. Repeat the option for several.")]
 SaverOpt = Annotated[Optional[list[str]], typer.Option(
-    "--saver", help="Also save activation memory beyond linear layers: dropout (exact: a seed instead of each "
+    "--saver", metavar="NAME", help="Also save activation memory beyond linear layers: dropout (exact: a seed instead of each "
                     "mask; with eager attention also the attention-probability dropout), gelu:B (approximate: "
-                    "B = 1-4 bits per GELU input instead of the input). Repeat for several.")]
+                    "B = 1-4 bits per GELU input instead of the input). Repeat the option for several.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model, the same way for every "
                                                            "method (the report records the mode).")]
 CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode with --compile: default, "

@@ -20,7 +20,8 @@ import torch
 from .convert import select_linears
 from .errors import DataError
 from .loaders import load_custom, load_glue_dir, load_glue_hub
-from .models import LoadedModel, builtin_config_path, hub_reachable, load_model, max_sequence_length
+from .models import (LoadedModel, builtin_config_path, check_methods_supported, check_model_type, hub_reachable,
+                     load_model, max_sequence_length)
 from .plans import TrainingPlan
 from .tasks import TaskData, synthetic_task
 
@@ -139,14 +140,18 @@ class TaskInputs:
 
 
 def load_task_model(plan: TrainingPlan, num_labels: int) -> LoadedModel:
-    """The plan's model with a head for `num_labels`: the same initial weights on every call."""
-    return load_model(plan.model_name, num_labels=num_labels, dtype=plan.dtype, offline=plan.config.offline,
-                      seed=plan.config.seed)
+    """The plan's model with a head for `num_labels`: the same initial weights on every call. A method
+    the plan trains in that the model cannot run fails here, before any training."""
+    loaded = load_model(plan.model_name, num_labels=num_labels, dtype=plan.dtype, offline=plan.config.offline,
+                        seed=plan.config.seed)
+    check_methods_supported(loaded.model, plan.trained_methods)
+    return loaded
 
 
 def load_model_and_task(plan: TrainingPlan) -> tuple[LoadedModel, TaskInputs]:
     """Load the model (with the task's head) and the data, tokenize, and build the collator."""
     config = plan.config
+    check_model_type(plan.model_name)  # an unsupported local model fails before any data is read
     if plan.task is None:  # the labels decide the head: read the data first
         data = load_task_data(plan, vocab_size=0)
         loaded = load_task_model(plan, data.spec.num_labels)

@@ -124,6 +124,7 @@ def _load_file(path: Path):
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"cannot read {str(path)!r}: use a .csv, .tsv, .jsonl, .json or .parquet file")
+    _refuse_empty(path)
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     # datasets logs its own ERROR line before raising; ours is the one line the user sees
     logger = logging.getLogger("datasets")
@@ -137,6 +138,27 @@ def _load_file(path: Path):
         raise DataError(f"cannot read {str(path)!r} as {fmt}: {_first_line(err)}") from None
     finally:
         logger.setLevel(level)
+
+
+_WHAT_A_FILE_HOLDS = {
+    ".csv": "a CSV file needs a header row naming its columns (e.g. sentence,label), then one example per row",
+    ".tsv": "a TSV file needs a header row naming its tab-separated columns, then one example per row",
+    ".jsonl": 'a JSON Lines file needs one object per line, e.g. {"sentence": "a fine film", "label": 1}',
+    ".json": 'a JSON Lines file needs one object per line, e.g. {"sentence": "a fine film", "label": 1}',
+    ".parquet": "a parquet file holds a table with a schema (write it with pandas' or datasets' to_parquet)",
+}
+
+
+def _refuse_empty(path: Path) -> None:
+    """An empty (or blank) data file, said with what the file should hold: datasets' own words for
+    it are 'An error occurred while generating the dataset'."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError as err:
+        raise DataError(f"cannot read {str(path)!r}: {err.strerror}") from None
+    if not head.strip() and len(head) < 1 << 16:
+        raise DataError(f"{str(path)!r} is empty: {_WHAT_A_FILE_HOLDS[path.suffix.lower()]}")
 
 
 def _first_line(err: Exception) -> str:
@@ -202,7 +224,7 @@ def load_glue_dir(data_dir: str | Path, spec: TaskSpec) -> TaskData:
 def load_glue_hub(spec: TaskSpec, offline: bool = False) -> TaskData:
     import datasets
 
-    from .models import hub_reachable
+    from .models import hub_reachable, no_hub
 
     def from_datasets():
         return datasets.load_dataset("nyu-mll/glue", spec.name)
@@ -220,9 +242,9 @@ def load_glue_hub(spec: TaskSpec, offline: bool = False) -> TaskData:
         if data is None:
             folder = spec.tsv.folder if spec.tsv else spec.name
             raise DataUnavailableError(
-                f"GLUE task {spec.name} is not in the local datasets cache and the Hugging Face Hub is "
-                f"unreachable: pass --data-dir DIR holding GLUE's {folder}/train.tsv and dev files (or "
-                "train/validation .csv/.jsonl/.parquet), or use --task synthetic")
+                f"GLUE task {spec.name} is not in the local datasets cache and {no_hub(offline)}: pass --data-dir "
+                f"DIR holding GLUE's {folder}/train.tsv and dev files (or train/validation .csv/.jsonl/.parquet), "
+                "or use --task synthetic")
         source = "datasets-cache:nyu-mll/glue"
     else:
         try:

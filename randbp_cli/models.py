@@ -8,7 +8,10 @@
   4. a built-in architecture (`configs/*.json`: `roberta-base`, `roberta-tiny`) with random
      weights. Memory and time do not depend on weight values, and the result says which
      weights it was (`weights`: "pretrained" or "random-init") and why.
-Anything else is a `ModelNotFoundError` that says how to supply the model.
+Anything else is a `ModelNotFoundError` that says how to supply the model. A model of a type
+the sequence-classification path does not train (a decoder such as GPT-2, an encoder-decoder
+such as T5: `ENCODER_TYPES` lists what it does) is a ConfigError before it is built; from a
+local directory, `check_model_type` says so before any data is read.
 
 `save_model` is the way back out: a fine-tuned model as a safetensors checkpoint, with plain
 `nn.Linear` layers again, written to a temp directory and renamed into place.
@@ -31,6 +34,11 @@ from .convert import restore
 from .errors import ConfigError, ModelNotFoundError, OutputError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# Encoder models whose sequence-classification head randbp trains, each checked on a tiny config
+# (tests/test_models.py): profile, randomized and checkpointed, and fine-tune.
+ENCODER_TYPES = ("albert", "bert", "camembert", "convbert", "data2vec-text", "deberta", "deberta-v2", "distilbert",
+                 "electra", "ernie", "megatron-bert", "mobilebert", "mpnet", "roberta", "roberta-prelayernorm",
+                 "roformer", "xlm-roberta", "xlm-roberta-xl")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -80,6 +88,11 @@ def hub_reachable(timeout_s: float = 1.5) -> bool:
         return False
 
 
+def no_hub(offline: bool) -> str:
+    """Why the Hub is not used: said as the user would recognise it."""
+    return "offline mode was asked for (--offline)" if offline else "the Hub is unreachable"
+
+
 def _auto_class(task: str):
     import transformers
 
@@ -108,6 +121,41 @@ def _unusable(source: str, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(f"cannot build a sequence-classification model from {source!r}: {text[:300]}")
 
 
+def refuse_unsupported(config, name: str) -> None:
+    """A ConfigError for a model type the sequence-classification path does not train."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ENCODER_TYPES:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = (" (an encoder-decoder)" if getattr(config, "is_encoder_decoder", False)
+            else " (a decoder)" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "")
+    raise ConfigError(f"model {name!r} is a {model_type} model{kind}, which randbp does not train: it supports "
+                      f"encoder models with a sequence-classification head ({', '.join(ENCODER_TYPES)})")
+
+
+def check_model_type(name: str) -> None:
+    """Refuse an unsupported local model (a directory or a config file) from its config alone, before
+    anything is built or read; names that are not local are checked once loaded."""
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if not ((path / "config.json").is_file() or (path.suffix == ".json" and path.is_file())):
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except _LOAD_ERRORS:
+        return  # load_model says what is wrong with it
+    refuse_unsupported(config, name)
+
+
+def check_methods_supported(model: nn.Module, methods) -> None:
+    """Refuse, before any run, a method `model` cannot run (activation checkpointing it lacks)."""
+    if any(method.checkpoint for method in methods) and not getattr(model, "supports_gradient_checkpointing", True):
+        raise ConfigError(f"--method checkpoint: transformers has no activation checkpointing for "
+                          f"{type(model).__name__}; use --method randomized (or exact) with this model")
+
+
 def _from_config(config_source, num_labels, attn_implementation, dtype, seed):
     from transformers import AutoConfig
 
@@ -115,6 +163,10 @@ def _from_config(config_source, num_labels, attn_implementation, dtype, seed):
     try:
         config = AutoConfig.from_pretrained(str(config_source), **{k: v for k, v in kwargs.items()
                                                                    if k != "attn_implementation"})
+    except _LOAD_ERRORS as err:
+        raise _unusable(str(config_source), err) from None
+    refuse_unsupported(config, str(config_source))
+    try:
         if attn_implementation:
             config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
@@ -130,6 +182,7 @@ def load_model(name: str, *, num_labels: int = 2, attn_implementation: str | Non
     """A sequence-classification model by name, directory or built-in config (see module doc)."""
     if num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1 (got {num_labels})")
+    check_model_type(name)
     auto = _auto_class("sequence-classification")
     kwargs = _model_kwargs(num_labels, attn_implementation, dtype)
     path = Path(name).expanduser()
@@ -151,38 +204,42 @@ def load_model(name: str, *, num_labels: int = 2, attn_implementation: str | Non
         return LoadedModel(model, str(path), "local-config", "random-init", "built from a config file: random weights")
     try:  # the Hugging Face cache, without touching the network
         model = auto.from_pretrained(name, local_files_only=True, **kwargs)
-        return LoadedModel(model, name, "hf-cache", "pretrained", "checkpoint from the Hugging Face cache")
     except _LOAD_ERRORS:
-        pass
+        model = None
+    if model is not None:
+        refuse_unsupported(model.config, name)
+        return LoadedModel(model, name, "hf-cache", "pretrained", "checkpoint from the Hugging Face cache")
     if not offline and hub_reachable():
         try:
             model = auto.from_pretrained(name, **kwargs)
-            return LoadedModel(model, name, "hub", "pretrained", "checkpoint downloaded from the Hugging Face Hub")
         except _LOAD_ERRORS as err:
             if builtin_config_path(name) is None:
                 raise _unusable(name, err) from None
+        if model is not None:
+            refuse_unsupported(model.config, name)
+            return LoadedModel(model, name, "hub", "pretrained", "checkpoint downloaded from the Hugging Face Hub")
     config_path = builtin_config_path(name)
     if config_path is not None:
         model = _from_config(config_path, num_labels, attn_implementation, dtype, seed)
         return LoadedModel(model, name, "builtin-config", "random-init",
-                           "no checkpoint in the cache and the Hub is unreachable: the built-in "
+                           f"no checkpoint in the cache and {no_hub(offline)}: the built-in "
                            "architecture with random weights")
     raise ModelNotFoundError(
-        f"unknown model {name!r}: it is not a local directory, not in the Hugging Face cache, and the "
-        f"Hub is unreachable; use a built-in architecture ({', '.join(builtin_models())}) or a local "
+        f"unknown model {name!r}: it is not a local directory, not in the Hugging Face cache, and "
+        f"{no_hub(offline)}; use a built-in architecture ({', '.join(builtin_models())}) or a local "
         "checkpoint directory"
     )
 
 
 def max_sequence_length(model: nn.Module) -> int:
-    """Longest input the model's position embeddings allow (RoBERTa offsets by pad_token_id + 1)."""
-    config = model.config
-    positions = getattr(config, "max_position_embeddings", None)
+    """Longest input the model's position embeddings allow. RoBERTa and its kin (embeddings with
+    a `padding_idx`: XLM-R, CamemBERT, MPNet, data2vec-text ...) number positions from
+    padding_idx + 1, so they hold padding_idx + 1 fewer."""
+    positions = getattr(model.config, "max_position_embeddings", None)
     if positions is None:
         return 1 << 30
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
-        return positions - (config.pad_token_id or 0) - 1
-    return positions
+    padding_idx = getattr(getattr(getattr(model, "base_model", None), "embeddings", None), "padding_idx", None)
+    return positions - padding_idx - 1 if isinstance(padding_idx, int) else positions
 
 
 # ---------------------------------------------------------------------------- saving
@@ -203,6 +260,9 @@ def save_model(model, tokenizer, directory: Path) -> None:
     """safetensors checkpoint (plain nn.Linear again), written to a temp dir then renamed."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # what mkdir would give it, not mkdtemp's 0700
     try:
         restore(model).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

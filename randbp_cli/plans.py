@@ -308,6 +308,10 @@ class VarianceConfig(FinetuneConfig):
             raise ConfigError(f"--steps must be 0 or more (got {self.steps})")
         if self.every < 1:
             raise ConfigError(f"--every must be at least 1 (got {self.every})")
+        if self.batch_size == 1:  # checked now: it would fail at the first measurement, after loading and training
+            raise ConfigError("--batch-size 1: variance compares with the mini-batch (SGD) variance, which needs at "
+                              "least 2 examples per batch (the classifier head sees one row per example: B − 1 = 0); "
+                              "use --batch-size 2 or more")
         return VariancePlan(**common, rho=rho, sketches=sketches, train_method=train)
 
 
@@ -337,6 +341,11 @@ class TrainingPlan:
 
         return get_linear_schedule_with_warmup(optimizer, self.warmup_steps(total_steps), total_steps)
 
+    @property
+    def trained_methods(self) -> tuple[Method, ...]:
+        """Every method a run of this plan trains in."""
+        return ()
+
     def config_record(self, **resolved) -> dict:
         """The config block of the report: the options as given, with what they resolved to."""
         return {**asdict(self.config), "model": self.model_name, "device": str(self.device),
@@ -347,6 +356,10 @@ class TrainingPlan:
 class FinetunePlan(TrainingPlan):
     methods: tuple[Method, ...] = ()  # one run each, in this order
 
+    @property
+    def trained_methods(self) -> tuple[Method, ...]:
+        return self.methods
+
 
 @dataclass(frozen=True)
 class VariancePlan(TrainingPlan):
@@ -355,3 +368,7 @@ class VariancePlan(TrainingPlan):
     rho: float = 0.5
     sketches: tuple[Sketch, ...] = ()  # measured, in this order (a name given twice is measured twice)
     train_method: Method = EXACT  # how the model is trained between measurements
+
+    @property
+    def trained_methods(self) -> tuple[Method, ...]:
+        return (self.train_method,)

@@ -28,7 +28,7 @@ from .engine import Batch, Engine, Progress
 from .errors import ConfigError
 from .memory import NvmlSampler, summarize_times
 from .methods import EXACT
-from .models import LoadedModel, load_model, max_sequence_length
+from .models import LoadedModel, check_methods_supported, load_model, max_sequence_length
 from .plans import ProfileCase, ProfileConfig, ProfilePlan
 from .report import ProfileReport, ProfileResult, environment
 
@@ -133,7 +133,7 @@ def _case_result(case: ProfileCase, plan: ProfilePlan, model_name: str, measured
     return ProfileResult(model=model_name, method=method.name, rho=method.rho, sketch=method.sketch_name,
                          savers=list(method.savers) or None, compile=plan.compile,
                          batch_size=case.batch_size, seq_len=seq_len, tokens=case.batch_size * seq_len,
-                         dtype=dtype_name(plan.dtype), device=plan.device.type, **measured)
+                         dtype=dtype_name(plan.dtype), device=str(plan.device), **measured)
 
 
 def _profile_in_process(model: nn.Module, model_name: str, plan: ProfilePlan, cases: tuple[ProfileCase, ...],
@@ -182,6 +182,22 @@ def _isolated_case(plan: ProfilePlan, case: ProfileCase) -> ProfileResult:
     return _profile_in_process(loaded.model, loaded.name, plan, (case,), None)[0]
 
 
+def _transformers_chatter() -> tuple[int, bool]:
+    """This process's transformers log level and progress-bar switch, for a fresh process to take."""
+    from transformers.utils import logging
+
+    return logging.get_verbosity(), logging.is_progress_bar_enabled()
+
+
+def _chatter_as(verbosity: int, bars: bool) -> None:
+    """A fresh process says as much as its parent (the CLI quiets transformers' loading report and bars)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity(verbosity)
+    if not bars:
+        logging.disable_progress_bar()
+
+
 def _profile_isolated(plan: ProfilePlan, progress: Progress | None) -> list[ProfileResult]:
     context = multiprocessing.get_context("spawn")
     results = []
@@ -189,8 +205,10 @@ def _profile_isolated(plan: ProfilePlan, progress: Progress | None) -> list[Prof
     for i, case in enumerate(plan.cases):
         if progress:
             progress(f"isolated process: {case.label}", i * per_case)
-        with context.Pool(1) as pool:
+        with context.Pool(1, initializer=_chatter_as, initargs=_transformers_chatter()) as pool:
             results.append(pool.apply(_isolated_case, (plan, case)))
+            pool.close()  # let the worker exit, rather than terminate() it: no leaked semaphores reported
+            pool.join()
     if progress:
         progress("done", len(plan.cases) * per_case)
     return results
@@ -205,6 +223,7 @@ def profile_model(plan: ProfilePlan, progress: Progress | None = None) -> Profil
         raise ConfigError(f"--seq-len {config.seq_len} is longer than the model's {limit} positions; "
                           f"use --seq-len {limit} or less")
     select_linears(loaded.model, config.include, config.exclude)  # a pattern that matches nothing fails now
+    check_methods_supported(loaded.model, [case.method for case in plan.cases])
     if config.isolate:
         results = _profile_isolated(plan, progress)
     else:

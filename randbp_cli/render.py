@@ -6,6 +6,7 @@ table or writes a figure. Plots are headless (Agg) and carry units on their axes
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from rich.table import Table
 from .check import CheckResult
 from .errors import ConfigError
 from .methods import method_label
-from .report import (FinetuneReport, FinetuneRun, ProfileReport, Report, VarianceReport, atomic_path, merge_profiles,
-                     one_kind)
+from .report import (BenchmarkOutput, FinetuneReport, FinetuneRun, ProfileReport, Report, VarianceReport, atomic_path,
+                     merge_profiles, one_kind)
 
 MiB = 1 << 20
 IMAGE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp")
@@ -37,8 +38,8 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _sci(value) -> str:
-    return "—" if value is None else f"{value:.3g}"
+def _sci(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
 
 
 def _columns(table: Table, names: list[str], left: tuple[str, ...]) -> None:
@@ -64,7 +65,8 @@ def profile_table(report: ProfileReport) -> Table:
                "vs exact"]
     columns += ["act. peak MiB"] * show_peak + ["CUDA peak MiB"] * show_cuda + ["NVML peak MiB"] * show_nvml
     columns += ["step ms", "time × exact"]
-    columns += [f"max batch ≤ {budget['budget_bytes'] / MiB:g} MiB"] if budget else []
+    budget_bytes = (budget or {}).get("budget_bytes")
+    columns += [f"max batch ≤ {'?' if budget_bytes is None else f'{budget_bytes / MiB:g}'} MiB"] if budget else []
     _columns(table, columns, left=("method", "sketch"))
     for r in results:
         saving = r.activation_saving_vs_exact
@@ -82,7 +84,7 @@ def profile_table(report: ProfileReport) -> Table:
         row += ["—" if median is None else f"{1000 * median:,.1f}", "—" if ratio is None else f"{ratio:.2f}×"]
         if budget:
             found = r.budget
-            row.append("" if not found else f"{found['max_batch_size']}{'+' if found['capped'] else ''}")
+            row.append("" if not found else f"{_fmt(found.get('max_batch_size'))}{'+' if found.get('capped') else ''}")
         table.add_row(*row, style="bold" if baseline else None)
     return table
 
@@ -96,7 +98,7 @@ def _profile_caption(report: ProfileReport) -> str:
     if modes:
         parts.append(f"torch.compile mode {', '.join(sorted(modes))}")
     nvml = env.get("nvml") or {}
-    if config.get("device", "cpu").startswith("cuda") and not nvml.get("available"):
+    if (config.get("device") or "cpu").startswith("cuda") and not nvml.get("available"):
         parts.append(f"NVML unavailable: {nvml.get('reason', 'unknown')}")
     return "; ".join(parts)
 
@@ -111,24 +113,24 @@ def finetune_table(report: FinetuneReport) -> Table:
     title = (f"randbp finetune: {task.get('task', '?')} on {model.get('name', '?')} "
              f"({model.get('weights', '?')} weights), status {report.status or '?'}")
     table = Table(title=title, title_justify="left")
-    show_cuda = any((r.memory.get("cuda") or {}) for r in runs)
+    show_cuda = any(((r.memory or {}).get("cuda") or {}) for r in runs)
     columns = ["run", "ρ", f"best {metric}", "epoch", f"last {metric}", "activations MiB", "vs exact"]
     columns += ["CUDA peak MiB"] * show_cuda + ["s/step", "tokens/s", "time × exact"]
     _columns(table, columns, left=("run",))
     for r in runs:
-        vs = r.vs_exact or {}
+        vs, memory, times = r.vs_exact or {}, r.memory or {}, r.time or {}
         best, last = r.best or {}, r.last or {}
         row = [r.name + (" (interrupted)" if r.status == "interrupted" else ""),
                "—" if r.rho is None else f"{r.rho:g}",
                _fmt(best.get("value")), _fmt(best.get("epoch")), _fmt(last.get("value")),
-               _mib(r.memory.get("activation_bytes")),
-               "baseline" if r.method == "exact" else _pct(None if "activation_bytes" not in vs
+               _mib(memory.get("activation_bytes")),
+               "baseline" if r.method == "exact" else _pct(None if vs.get("activation_bytes") is None
                                                           else vs["activation_bytes"] - 1)]
         if show_cuda:
-            row.append(_mib((r.memory.get("cuda") or {}).get("peak_allocated_bytes")))
-        tokens_per_s = r.time.get("tokens_per_s")
-        row += [_fmt(r.time.get("step_time_s"), 3), "—" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
-                "—" if "step_time" not in vs else f"{vs['step_time']:.2f}×"]
+            row.append(_mib((memory.get("cuda") or {}).get("peak_allocated_bytes")))
+        tokens_per_s = times.get("tokens_per_s")
+        row += [_fmt(times.get("step_time_s"), 3), "—" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+                "—" if vs.get("step_time") is None else f"{vs['step_time']:.2f}×"]
         table.add_row(*row, style="bold" if r.method == "exact" else None)
     return table
 
@@ -147,8 +149,8 @@ def epoch_table(run: FinetuneRun) -> Table:
                      "train s"], left=())
     for entry in run.epochs:
         evals = entry.get("eval") or {}
-        table.add_row(str(entry["epoch"]) + (" (partial)" if entry.get("partial") else ""), str(entry["steps"]),
-                      _fmt(entry["train_loss"]),
+        table.add_row(_fmt(entry.get("epoch")) + (" (partial)" if entry.get("partial") else ""),
+                      _fmt(entry.get("steps")), _fmt(entry.get("train_loss")),
                       *[_fmt((evals.get(s) or {}).get(m)) for s, m in splits_metrics],
                       _fmt(entry.get("train_time_s"), 1))
     return table
@@ -173,16 +175,16 @@ def variance_table(report: VarianceReport, max_rows: int = 40) -> Table:
         _columns(table, ["step", "layer", "sketch", "k / B", "α", "D²_SGD", "D²_RMM measured ± se", "D²_RMM theory",
                          "ratio", "bound"], left=("layer", "sketch"))
         for r in records:
-            table.add_row(str(r.step), r.layer, r.sketch, f"{r.k} / {r.rows}", f"{r.alpha:.4f}", _sci(r.d2_sgd),
-                          f"{r.d2_rmm_measured:.3g} ± {r.d2_rmm_se:.2g}", _sci(r.d2_rmm_theory), _fmt(r.ratio, 3),
-                          _fmt(r.bound, 3))
+            table.add_row(str(r.step), r.layer, r.sketch, f"{_fmt(r.k)} / {_fmt(r.rows)}", _fmt(r.alpha),
+                          _sci(r.d2_sgd), f"{_sci(r.d2_rmm_measured)} ± {_sci(r.d2_rmm_se, 2)}", _sci(r.d2_rmm_theory),
+                          _fmt(r.ratio, 3), _fmt(r.bound, 3))
     else:
         _columns(table, ["layer", "sketch", "steps", "mean α", "ratio mean", "ratio min–max", "mean bound",
                          "within bound"], left=("layer", "sketch"))
         for s in report.summary:
-            table.add_row(s.layer, s.sketch, str(s.steps), f"{s.alpha_mean:.4f}", _fmt(s.ratio_mean, 3),
+            table.add_row(s.layer, s.sketch, _fmt(s.steps), _fmt(s.alpha_mean), _fmt(s.ratio_mean, 3),
                           f"{_fmt(s.ratio_min, 3)}–{_fmt(s.ratio_max, 3)}", _fmt(s.bound_mean, 3),
-                          "yes" if s.within_bound else "no")
+                          {True: "yes", False: "no"}.get(s.within_bound, "—"))
     return table
 
 
@@ -215,16 +217,59 @@ def check_table(result: CheckResult, show_all: bool = False) -> Table:
     return table
 
 
+# ---------------------------------------------------------------------------- benchmark outputs
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return {True: "yes", False: "no", None: "—"}.get(value, value) if not isinstance(value, str) else value
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4g}"
+    return f"{int(value):,}" if isinstance(value, (int, float)) else "…"  # an object or list: not a cell
+
+
+def benchmark_tables(output: BenchmarkOutput) -> list[Table]:
+    """A benchmark's checks (PASS/FAIL), every report it embeds as its command prints it (titled by
+    where it sits in the file), then each of its other lists of records as a plain table."""
+    tables = []
+    if output.checks:
+        passed = sum(check.get("passed") is True for check in output.checks)
+        title = f"{output.schema}: {passed} of {len(output.checks)} checks pass"
+        table = Table(title=title, title_justify="left", caption=output.command, min_width=len(title))
+        _columns(table, ["result", "check"], left=("result", "check"))
+        for check in output.checks:
+            ok = check.get("passed")
+            table.add_row({True: "PASS", False: "FAIL"}.get(ok, "—"), _cell(check.get("check")),
+                          style=None if ok else "bold red")
+        tables.append(table)
+    for where, report in output.reports:
+        for table in tables_for([report]):
+            table.title = f"{where}: {table.title}"
+            tables.append(table)
+    for key, rows in output.tables:
+        names = [name for name, _ in rows]
+        columns = list(dict.fromkeys(k for _, row in rows for k, v in row.items() if not isinstance(v, (dict, list))))
+        table = Table(title=key, title_justify="left")
+        text = [c for c in columns if all(isinstance(row.get(c), (str, type(None))) for _, row in rows)]
+        _columns(table, ([""] if any(names) else []) + columns, left=("", *text))
+        for name, row in rows:
+            table.add_row(*([name or ""] if any(names) else []), *[_cell(row.get(c)) for c in columns])
+        tables.append(table)
+    return tables
+
+
 # ---------------------------------------------------------------------------- any report
 
 
-def tables_for(reports: list[Report]) -> list[Table]:
+def tables_for(reports: list[Report | BenchmarkOutput]) -> list[Table]:
     """The same rich tables the commands print, for reports of one kind (profiles merged)."""
     kind = one_kind(reports)
     if kind == "profile":
         return [profile_table(merge_profiles(reports))]
     if kind == "finetune":
         return [table for report in reports for table in finetune_tables(report)]
+    if kind == "benchmark":
+        return [table for output in reports for table in benchmark_tables(output)]
     return [table for report in reports for table in variance_tables(report)]
 
 
@@ -278,8 +323,23 @@ def check_image_path(path: Path) -> None:
                           f"{', '.join('.' + f for f in IMAGE_FORMATS)}")
 
 
+def plottable(reports: list[Report]) -> bool:
+    """Whether `reports` hold anything to draw (a run interrupted before its first measurement does not)."""
+    return any(getattr(report, report.MAIN) for report in reports)
+
+
+def check_plottable(reports: list[Report | BenchmarkOutput], path: Path) -> None:
+    """Refuse, before anything is printed or written, a --plot of reports that draw nothing."""
+    if one_kind(reports) == "benchmark":
+        raise ConfigError(f"--plot {str(path)!r}: a benchmark's output has no plot; render its tables without "
+                          "--plot, or plot the profile or variance reports a randbp command wrote")
+    if not plottable(reports):
+        raise ConfigError(f"--plot {str(path)!r}: the report holds no {reports[0].MAIN} to draw")
+
+
 def write_plot(reports: list[Report], path: Path) -> None:
     """The figure of `reports` (one kind; profiles merged), written atomically; format from the suffix."""
+    check_plottable(reports, path)
     kind = one_kind(reports)
     image_format = path.suffix.lstrip(".").lower() or "png"
     with atomic_path(path) as tmp:
@@ -301,13 +361,18 @@ def _pyplot():
 
 
 def _finish(plt, fig, axes, path, image_format: str, legend_size: int) -> None:
-    """Grid and legend on every axis, then write the figure and free it."""
+    """Grid and legend on every axis (an axis with no line has no legend), then write the figure and free it."""
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=legend_size)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, format=image_format)
     plt.close(fig)
+
+
+def _per_mib(value) -> float:
+    return float("nan") if value is None else value / MiB  # a gap in the line
 
 
 def plot_profile(report: ProfileReport, path, image_format: str = "png") -> None:
@@ -321,7 +386,7 @@ def plot_profile(report: ProfileReport, path, image_format: str = "png") -> None
         rows = sorted(rows, key=lambda r: r.batch_size)
         batches = [r.batch_size for r in rows]
         style = {"linewidth": 2.5, "color": "black"} if label.startswith("exact") else {"marker": "o"}
-        mem.plot(batches, [r.activation_bytes / MiB for r in rows], label=label, **style)
+        mem.plot(batches, [_per_mib(r.activation_bytes) for r in rows], label=label, **style)
         ratios = [r.time_ratio_vs_exact for r in rows]
         if any(v is not None for v in ratios):
             tim.plot(batches, ratios, label=label, **style)
@@ -339,12 +404,12 @@ def plot_finetune(report: FinetuneReport, path, image_format: str = "png") -> No
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=100)
     metric = "metric"
     for run in report.runs:
-        epochs = [e["epoch"] for e in run.epochs]
-        loss_ax.plot(epochs, [e["train_loss"] for e in run.epochs], marker="o", label=run.name)
+        epochs = [e.get("epoch") for e in run.epochs]
+        loss_ax.plot(epochs, [e.get("train_loss") for e in run.epochs], marker="o", label=run.name)
         evaluated = [e for e in run.epochs if e.get("eval")]
         metric = run.metric or metric
-        values = [e["eval"][next(iter(e["eval"]))].get(metric) for e in evaluated]  # the first evaluation split
-        metric_ax.plot([e["epoch"] for e in evaluated], values, marker="o", label=run.name)
+        values = [next(iter(e["eval"].values())).get(metric) for e in evaluated]  # the first evaluation split
+        metric_ax.plot([e.get("epoch") for e in evaluated], values, marker="o", label=run.name)
     task = (report.task or {}).get("task", "?")
     loss_ax.set(xlabel="epoch", ylabel="mean training loss (nats)", title=f"training loss: {task}")
     metric_ax.set(xlabel="epoch", ylabel=f"{metric} (first evaluation split)", title=f"{metric}: {task}")
@@ -360,7 +425,7 @@ def plot_variance(report: VarianceReport, path, image_format: str = "png") -> No
     for r in report.records:
         series.setdefault((r.layer, r.sketch), []).append(r)
     layers = list(dict.fromkeys(layer for layer, _ in series))
-    markers = dict(zip(dict.fromkeys(s for _, s in series), "os^Dvx"))
+    markers = dict(zip(dict.fromkeys(s for _, s in series), itertools.cycle("os^Dvx*")))  # 7 sketches
     for (layer, sketch), rows in series.items():
         color = colors[layers.index(layer) % len(colors)]
         ax.plot([r.step for r in rows], [r.ratio for r in rows], marker=markers[sketch], color=color,

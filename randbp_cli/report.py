@@ -3,19 +3,25 @@
 Every report is a dataclass whose `to_dict()` is exactly its JSON document: a `schema` with a
 version first, then the environment, the config and the measurements, with units in the key
 names. `load_report` is the one place a report file is read back (`randbp check`, `randbp
-report`): it checks the schema and returns the typed object. Keys a report has and this
-version does not know are kept (`extra`) and written back as they were.
+report`): it checks the schema and the shape (each record's `from_dict`: every field against its
+annotation, the keys read from its objects against `SHAPES`, the keys it cannot be without in
+`REQUIRED`; shapes.py) and returns the typed object, or, for a benchmark script's output, a
+`BenchmarkOutput`. Keys a report has and this version does not know are kept (`extra`) and
+written back as they were.
 
 Rendering (tables, Markdown, plots) lives in render.py; nothing here imports a UI library.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import stat
 import subprocess
 import tempfile
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -24,6 +30,7 @@ from typing import ClassVar
 import torch
 
 from .errors import ConfigError, OutputError, ReportError, ReportWriteError
+from .shapes import at, check_shape, or_null, shown
 
 PROFILE_SCHEMA = "randbp.profile/1"
 FINETUNE_SCHEMA = "randbp.finetune/1"
@@ -32,6 +39,23 @@ CHECK_SCHEMA = "randbp.check/1"
 
 
 # ---------------------------------------------------------------------------- typed reports
+
+_BOOKKEEPING = frozenset({"extra", "missing", "source"})  # dataclass fields that are not JSON keys
+
+
+@functools.cache
+def _field_specs(cls) -> dict:
+    """Each JSON field of a record: its annotation, or what SHAPES says about its object (null
+    where the annotation allows it)."""
+    hints, specs = typing.get_type_hints(cls), {}
+    for f in fields(cls):
+        if f.name in _BOOKKEEPING:
+            continue
+        hint, shape = hints[f.name], cls.SHAPES.get(f.name)
+        if shape is not None and type(None) in typing.get_args(hint):
+            shape = or_null(shape)
+        specs[f.name] = hint if shape is None else shape
+    return specs
 
 
 @dataclass(kw_only=True)
@@ -42,33 +66,46 @@ class Record:
     missing: frozenset[str] = field(default=frozenset(), repr=False)  # fields an older report read lacked
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()  # keys a report leaves out rather than null
     ROWS: ClassVar[dict[str, type[Record]]] = {}  # list fields whose items are records themselves
+    REQUIRED: ClassVar[frozenset[str]] = frozenset()  # keys a record cannot be read without
+    SHAPES: ClassVar[dict[str, object]] = {}  # what the code reads out of a field's object (see check_shape)
 
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             left_out = f.name in self.missing or (value is None and f.name in self.OMIT_IF_NONE)
-            if f.name in ("extra", "missing") or left_out:
+            if f.name in _BOOKKEEPING or left_out:
                 continue
             out[f.name] = [row.to_dict() for row in value] if f.name in self.ROWS else value
         return {**out, **self.extra}
 
     @classmethod
-    def from_dict(cls, data: dict):
-        """The record of a JSON object: what a report read back holds is written back unchanged."""
-        names = {f.name for f in fields(cls)} - {"extra", "missing"}
-        known = {key: value for key, value in data.items() if key in names}
-        for name, row in cls.ROWS.items():
-            if isinstance(known.get(name), list):
-                known[name] = [row.from_dict(item) if isinstance(item, dict) else item for item in known[name]]
-        return cls(**known, extra={key: value for key, value in data.items() if key not in names},
-                   missing=frozenset(names - known.keys()))
+    def from_dict(cls, data: dict, where: str = ""):
+        """The record of a JSON object, its shape checked (a ReportError naming the key path
+        otherwise): what a report read back holds is written back unchanged."""
+        if not isinstance(data, dict):
+            raise ReportError(f"{where or 'the report'} must be an object (got {shown(data)})")
+        specs = _field_specs(cls)
+        for name in sorted(cls.REQUIRED):
+            if data.get(name) is None:
+                raise ReportError(f"{where or 'the report'} has no {json.dumps(name)}")
+        known = {key: value for key, value in data.items() if key in specs}
+        for name, value in known.items():
+            if name in cls.ROWS and isinstance(value, list):
+                known[name] = [cls.ROWS[name].from_dict(item, at(at(where, name), index))
+                               for index, item in enumerate(value)]
+            else:
+                check_shape(value, specs[name], at(where, name))
+        return cls(**known, extra={key: value for key, value in data.items() if key not in specs},
+                   missing=frozenset(specs.keys() - known.keys()))
 
 
 @dataclass(kw_only=True)
 class Report(Record):
-    """A whole report: `SCHEMA` first in its JSON, `command` (the command line) last when set."""
+    """A whole report: `SCHEMA` first in its JSON, `command` (the command line) last when set.
+    `source`: the file it was read from (load_report), for messages; never written."""
 
+    source: str | None = field(default=None, repr=False, compare=False)
     SCHEMA: ClassVar[str] = ""
     KIND: ClassVar[str] = ""  # profile, finetune, variance
     MAIN: ClassVar[str] = ""  # the list a report of this kind cannot be without
@@ -77,8 +114,10 @@ class Report(Record):
         return {"schema": self.SCHEMA, **super().to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict):
-        return super().from_dict({key: value for key, value in data.items() if key != "schema"})
+    def from_dict(cls, data: dict, where: str = ""):
+        if isinstance(data, dict):
+            data = {key: value for key, value in data.items() if key != "schema"}
+        return super().from_dict(data, where)
 
 
 @dataclass(kw_only=True)
@@ -115,6 +154,20 @@ class ProfileResult(Record):
 
     OMIT_IF_NONE = frozenset({"checkpointing", "budget", "activation_limit_bytes", "contributions", "savers",
                               "compile"})
+    REQUIRED = frozenset({"method", "batch_size", "seq_len"})  # what tells one case from another
+    SHAPES = {
+        "savers": list[str], "compile": str,
+        "activation_bytes_by_kind": dict[str, int], "activation_bytes_by_module": dict[str, int],
+        "checkpointing": {"units": int, "recompute_unit_bytes": int},
+        "cuda": {"peak_allocated_bytes": int, "resting_allocated_bytes": int, "step_peak_bytes": int},
+        "nvml": {"available": bool, "peak_used_bytes": int, "reason": str},
+        "step_time_s": {"median": float, "min": float, "max": float, "samples": list[float]},
+        "budget": {"budget_bytes": float, "max_batch_size": int, "activation_peak_bytes": int, "capped": bool},
+    }
+
+
+_ENVIRONMENT = {"torch": str, "transformers": str, "device": str, "device_name": str, "nvml": dict}
+_MODEL = {"name": str, "weights": str}
 
 
 @dataclass(kw_only=True)
@@ -128,6 +181,8 @@ class ProfileReport(Report):
     SCHEMA, KIND, MAIN = PROFILE_SCHEMA, "profile", "results"
     ROWS = {"results": ProfileResult}
     OMIT_IF_NONE = frozenset({"command"})
+    SHAPES = {"environment": _ENVIRONMENT, "model": _MODEL,
+              "config": {"device": str, "dtype": str, "steps": int, "warmup": int}}
 
 
 @dataclass(kw_only=True)
@@ -155,6 +210,16 @@ class FinetuneRun(Record):
     vs_exact: dict | None = None  # ratios to the exact run, when there is one
 
     OMIT_IF_NONE = frozenset({"distributed", "saved_to", "save_error", "vs_exact", "savers"})
+    REQUIRED = frozenset({"name"})
+    SHAPES = {
+        "savers": list[str],
+        "epochs": list[{"epoch": int, "steps": int, "train_loss": float, "train_time_s": float, "partial": bool,
+                        "eval": dict[str, dict[str, float]]}],
+        "memory": {"activation_bytes": int, "cuda": {"peak_allocated_bytes": int}},
+        "time": {"step_time_s": float, "tokens_per_s": float},
+        "best": {"epoch": int, "value": float}, "last": {"epoch": int, "value": float},
+        "vs_exact": {"activation_bytes": float, "step_time": float},
+    }
 
 
 @dataclass(kw_only=True)
@@ -171,6 +236,7 @@ class FinetuneReport(Report):
     SCHEMA, KIND, MAIN = FINETUNE_SCHEMA, "finetune", "runs"
     ROWS = {"runs": FinetuneRun}
     OMIT_IF_NONE = frozenset({"command"})
+    SHAPES = {"environment": _ENVIRONMENT, "model": _MODEL, "task": {"task": str}}
 
 
 @dataclass(kw_only=True)
@@ -194,6 +260,8 @@ class VarianceRecord(Record):
     ratio_theory: float | None = None
     bound: float | None = None
 
+    REQUIRED = frozenset({"layer", "step", "sketch"})
+
 
 @dataclass(kw_only=True)
 class VarianceSummary(Record):
@@ -208,6 +276,8 @@ class VarianceSummary(Record):
     bound_mean: float | None = None
     alpha_mean: float | None = None
     within_bound: bool | None = None
+
+    REQUIRED = frozenset({"layer", "sketch"})
 
 
 @dataclass(kw_only=True)
@@ -227,18 +297,80 @@ class VarianceReport(Report):
     SCHEMA, KIND, MAIN = VARIANCE_SCHEMA, "variance", "records"
     ROWS = {"records": VarianceRecord, "summary": VarianceSummary}
     OMIT_IF_NONE = frozenset({"command", "gelu_errors"})
+    SHAPES = {"environment": _ENVIRONMENT, "train_loss": dict[str, float],
+              "gelu_errors": list[{"step": int, "layer": str, "bits": int, "relative_error": float}],
+              "config": {"task": str, "model": str, "rho": float, "repeats": int}}
 
 
 REPORTS: dict[str, type[Report]] = {cls.SCHEMA: cls for cls in (ProfileReport, FinetuneReport, VarianceReport)}
 
 
-def load_report(path: str | Path, expect: str | None = None) -> Report:
-    """Read a randbp JSON report; `expect` = the schema it must have (name and version)."""
+def _embedded(value, where: str) -> Report | None:
+    """The randbp report `value` is (checked like a file of its own), or None when it is none."""
+    kind = REPORTS.get(value.get("schema")) if isinstance(value, dict) else None
+    if kind is None:
+        return None
+    if not isinstance(value.get(kind.MAIN), list):
+        raise ReportError(f"{where} is a {kind.SCHEMA} report without its {kind.MAIN!r} list")
+    return kind.from_dict(value, where)
+
+
+def _records(value) -> list[tuple[str | None, dict]] | None:
+    """A list of objects, or an object of objects (each row named by its key): a table; else None."""
+    if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+        return [(None, row) for row in value]
+    if isinstance(value, dict) and value and all(isinstance(row, dict) for row in value.values()):
+        return list(value.items())
+    return None
+
+
+@dataclass
+class BenchmarkOutput:
+    """What a benchmark script writes (`results/bench-*.json`, `results/methods-*.json`, ...): no report
+    kind of its own, but `randbp report` shows its PASS/FAIL checks, each randbp report it embeds
+    (checked as a file of its own would be) and its other lists of records as plain tables."""
+
+    schema: str
+    command: str | None = None
+    checks: list[dict] = field(default_factory=list)  # {"check": what was checked, "passed": bool}
+    reports: list[tuple[str, Report]] = field(default_factory=list)  # (where in the file, the report)
+    tables: list[tuple[str, list[tuple[str | None, dict]]]] = field(default_factory=list)  # (key, named rows)
+    source: str | None = None
+
+    KIND: ClassVar[str] = "benchmark"
+    MAIN: ClassVar[str] = "checks"
+    NOT_SHOWN: ClassVar[frozenset[str]] = frozenset({"schema", "command", "environment", "config", "checks"})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchmarkOutput | None:
+        """The benchmark output `data` is, or None when it holds nothing `randbp report` can show."""
+        checks = data.get("checks", [])
+        check_shape(checks, list[{"check": str, "passed": bool}], "checks")
+        command = data.get("command")
+        check_shape(command, str | None, "command")
+        output = cls(data["schema"], command, checks)
+        for key, value in data.items():
+            if key in cls.NOT_SHOWN:
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            embedded = [(at(at("", key), name), _embedded(item, at(at("", key), name))) for name, item in items]
+            if embedded and all(report is not None for _, report in embedded):
+                output.reports += embedded
+            elif _records(value) is not None:
+                output.tables.append((key, _records(value)))
+        return output if output.checks or output.reports or output.tables else None
+
+
+def load_report(path: str | Path, expect: str | None = None, *,
+                if_missing: str | None = None) -> Report | BenchmarkOutput:
+    """Read a randbp JSON report; `expect` = the schema it must have (name and version). Without
+    `expect`, a benchmark's output is read too (`BenchmarkOutput`). `if_missing`: what to do when
+    the file does not exist, said after that."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ReportError(f"report {str(path)!r} does not exist") from None
+        raise ReportError(f"report {str(path)!r} does not exist{': ' + if_missing if if_missing else ''}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ReportError(f"cannot read report {str(path)!r}: {getattr(err, 'strerror', None) or err}") from None
     try:
@@ -249,15 +381,20 @@ def load_report(path: str | Path, expect: str | None = None) -> Report:
     schema = data.get("schema") if isinstance(data, dict) else None
     if not isinstance(schema, str) or not schema.startswith("randbp."):
         raise ReportError(f"{str(path)!r} is not a randbp report (no randbp 'schema' key)")
-    if schema not in REPORTS:
-        raise ReportError(f"{str(path)!r} has schema {schema!r}, which this randbp does not read "
-                          f"(it reads {', '.join(REPORTS)})")
     if expect is not None and schema != expect:
         raise ReportError(f"{str(path)!r} is a {schema} report; expected {expect}")
-    kind = REPORTS[schema]
-    if not isinstance(data.get(kind.MAIN), list):
+    kind = REPORTS.get(schema)
+    if kind is not None and not isinstance(data.get(kind.MAIN), list):
         raise ReportError(f"{str(path)!r} is a {schema} report without its {kind.MAIN!r} list: corrupt or truncated")
-    return kind.from_dict(data)
+    try:
+        report = kind.from_dict(data) if kind is not None else BenchmarkOutput.from_dict(data)
+    except ReportError as err:  # the key path, said with the file it is in
+        raise ReportError(f"{path}: {err}") from None
+    if report is None:
+        raise ReportError(f"{str(path)!r} has schema {schema!r}, which this randbp does not read (it reads "
+                          f"{', '.join(REPORTS)}, and benchmark outputs with checks, reports or tables)")
+    report.source = str(path)
+    return report
 
 
 def one_kind(reports: list[Report]) -> str:
@@ -325,7 +462,7 @@ def environment(device: torch.device | None = None) -> dict:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "device": device.type,
+        "device": str(device),  # with its index: cuda:3
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cuda_version": torch.version.cuda,
         "cuda_available": cuda,
@@ -354,6 +491,17 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+def _final_mode(path: Path) -> int:
+    """The permissions `path` gets: those of the file it replaces, else 0666 less the umask (what
+    open() would give it; mkstemp's 0600 would hide a CI artifact from every other user)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yields a temp path beside `path`; renames it onto `path` only if the block succeeds."""
@@ -365,6 +513,7 @@ def atomic_path(path: str | Path):
         raise ReportWriteError(f"cannot write {str(path)!r}: {err.strerror}") from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)

@@ -252,8 +252,10 @@ def measure_variance(plan: VariancePlan, callbacks: TrainCallbacks | None = None
     engine.apply(plan.train_method)
     layers = select_layers(engine.model, config.layers)
     batch_size, lr = config.batch_size or spec.batch_size, config.lr or spec.lr
+    # full batches only: a last batch of one example would leave the classifier head one row (B − 1 = 0)
     loader = DataLoader(inputs.train_set, batch_size=batch_size, shuffle=True, collate_fn=inputs.collator,
-                        generator=torch.Generator().manual_seed(config.seed))
+                        generator=torch.Generator().manual_seed(config.seed),
+                        drop_last=len(inputs.train_set) >= batch_size)
     optimizer = plan.optimizer(engine.model.parameters(), lr)
     engine.use_optimizer(optimizer, plan.scheduler(optimizer, max(config.steps, 1)))
     if callbacks.on_run_start:

@@ -3,7 +3,10 @@
 
 import copy
 import json
+import os
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -261,3 +264,301 @@ def test_plot_with_an_unknown_image_suffix(files, profile_report, tmp_path):
     result = invoke("report", files("p.json", profile_report), "--plot", tmp_path / "plot.txt")
     assert result.exit_code == 2 and "cannot draw a .txt file" in result.stderr
     assert not (tmp_path / "plot.txt").exists()
+
+
+# ---------------------------------------------------------------------------- never pass on nothing, never a traceback
+
+
+def _without(report, key, where=lambda r: True):
+    report = copy.deepcopy(report)
+    for r in report["results"]:
+        if where(r):
+            r.pop(key, None)
+    return report
+
+
+def _one_error_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "PASS" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("randbp: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("lacking", ["baseline", "current"])
+def test_gate_never_passes_without_activation_bytes(files, profile_report, lacking):
+    """A baseline whose cases lack the guarded metric used to PASS, comparing only step time."""
+    stripped = files(f"{lacking}.json", _without(profile_report, "activation_bytes"))
+    complete = files("complete.json", profile_report)
+    current, baseline = (complete, stripped) if lacking == "baseline" else (stripped, complete)
+    _one_error_line(invoke("check", current, "--baseline", baseline), f"{lacking}.json: results[0]",
+                    "has no activation_bytes")
+
+
+def test_gate_needs_the_cuda_peak_where_the_baseline_has_one(files, profile_report):
+    baseline = files("baseline.json", _with_cuda_peak(profile_report, 1_000_000))
+    current = files("current.json", profile_report)  # no cuda block: nothing to judge the peak by
+    _one_error_line(invoke("check", current, "--baseline", baseline), "current.json: results[0]",
+                    "cuda.peak_allocated_bytes")
+    on_cuda = copy.deepcopy(profile_report)
+    for r in on_cuda["results"]:
+        r["device"] = "cuda"
+    baseline = files("cuda-base.json", on_cuda)  # a CUDA case without its peak
+    _one_error_line(invoke("check", baseline, "--baseline", baseline), "cuda-base.json: results[0]",
+                    "cuda.peak_allocated_bytes")
+
+
+def test_gate_needs_step_time_only_when_it_judges_it(files, profile_report):
+    base = files("base.json", profile_report)
+    untimed = files("untimed.json", _without(profile_report, "step_time_s"))
+    assert invoke("check", untimed, "--baseline", base).exit_code == 0  # informational: shown when there
+    _one_error_line(invoke("check", untimed, "--baseline", base, "--tolerance-time", "10%"),
+                    "untimed.json: results[0]", "step_time_s.median")
+
+
+def test_update_refuses_a_baseline_the_gate_could_not_use(files, profile_report):
+    base = files("base.json", profile_report)
+    before = base.read_text()
+    _one_error_line(invoke("check", files("now.json", _without(profile_report, "activation_bytes")), "--baseline",
+                           base, "--update"), "now.json: results[0]", "activation_bytes")
+    assert base.read_text() == before
+
+
+def _doctored(report, change):
+    report = copy.deepcopy(report)
+    change(report)
+    return report
+
+
+MALFORMED = {  # the issue's files, as hand edits and truncating tools make them
+    "results-ints": (lambda d: d.__setitem__("results", [1, 2, 3]), "results[0] must be an object (got 1)"),
+    "bytes-text": (lambda d: d["results"][2].__setitem__("activation_bytes", "912MB"),
+                   'results[2].activation_bytes must be an integer (got "912MB")'),
+    "environment-text": (lambda d: d.__setitem__("environment", "cpu"), 'environment must be an object (got "cpu")'),
+    "environment-list": (lambda d: d.__setitem__("environment", []), "environment must be an object (got [])"),
+    "batch-list": (lambda d: d["results"][1].__setitem__("batch_size", [2]),
+                   "results[1].batch_size must be an integer (got [2])"),
+    "no-method": (lambda d: d["results"][0].pop("method"), 'results[0] has no "method"'),
+    "cuda-text": (lambda d: d["results"][0].__setitem__("cuda", "n/a"), 'results[0].cuda must be an object'),
+    "peak-text": (lambda d: d["results"][0].__setitem__("cuda", {"peak_allocated_bytes": "1 GB"}),
+                  "results[0].cuda.peak_allocated_bytes must be an integer"),
+    "median-bool": (lambda d: d["results"][0]["step_time_s"].__setitem__("median", True),
+                    "results[0].step_time_s.median must be a number (got true)"),
+}
+
+
+@pytest.mark.parametrize("which", ["baseline", "current"])
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_check_names_the_file_and_key_of_a_malformed_report(files, profile_report, name, which):
+    change, message = MALFORMED[name]
+    bad = files(f"{which}.json", _doctored(profile_report, change))
+    good = files("good.json", profile_report)
+    current, baseline = (good, bad) if which == "baseline" else (bad, good)
+    _one_error_line(invoke("check", current, "--baseline", baseline), f"{which}.json: {message}")
+
+
+def test_profile_check_refuses_a_malformed_baseline_before_profiling(files, profile_report):
+    bad = files("baseline.json", _doctored(profile_report, MALFORMED["bytes-text"][0]))
+    result = invoke("profile", "--model", "no-such-model-dir/", "--check", bad)  # fails before the model is looked up
+    _one_error_line(result, "baseline.json: results[2].activation_bytes")
+
+
+@pytest.mark.parametrize("name", ["results-ints", "bytes-text", "environment-text", "environment-list", "batch-list"])
+def test_report_names_the_file_and_key_of_a_malformed_profile(files, profile_report, name):
+    change, message = MALFORMED[name]
+    _one_error_line(invoke("report", files("p.json", _doctored(profile_report, change))), f"p.json: {message}")
+
+
+def test_report_names_a_malformed_finetune_or_variance_report(files, finetune_report, variance_report):
+    _one_error_line(invoke("report", files("f.json", {"schema": "randbp.finetune/1", "runs": [{}]})),
+                    'f.json: runs[0] has no "name"')
+    epochs = _doctored(finetune_report, lambda d: d["runs"][0]["epochs"][0].__setitem__("train_loss", "low"))
+    _one_error_line(invoke("report", files("f.json", epochs)), "f.json: runs[0].epochs[0].train_loss must be a number")
+    records = _doctored(variance_report, lambda d: d["records"].__setitem__(0, "x"))
+    _one_error_line(invoke("report", files("v.json", records)), 'v.json: records[0] must be an object (got "x")')
+    environment = _doctored(variance_report, lambda d: d.__setitem__("environment", []))
+    _one_error_line(invoke("report", files("v.json", environment)), "v.json: environment must be an object")
+
+
+def test_report_renders_what_a_report_lacks_as_a_dash(tmp_path, files, profile_report, finetune_report,
+                                                      variance_report):
+    """Measurements a report does not have (an older version, a hand-trimmed file) show as "—"."""
+    profile = _doctored(profile_report, lambda d: [r.pop(k) for r in d["results"]
+                                                   for k in ("rho", "activation_bytes", "step_time_s")])
+    finetune = _doctored(finetune_report, lambda d: [r.pop(k) for r in d["runs"]
+                                                     for k in ("memory", "time", "best", "vs_exact")])
+    for run in finetune["runs"]:
+        for epoch in run["epochs"]:
+            epoch.pop("train_loss")
+    variance = _doctored(variance_report, lambda d: [r.pop(k) for r in d["records"]
+                                                     for k in ("rho", "alpha", "d2_rmm_measured", "ratio")])
+    for kind, report in (("profile", profile), ("finetune", finetune), ("variance", variance)):
+        result = invoke("report", files(f"{kind}.json", report), "--plot", tmp_path / f"{kind}.png")
+        assert result.exit_code == 0, (kind, result.output)
+        assert f"randbp {kind}" in result.stdout and "—" in result.stdout
+        assert result.stderr.strip() == f"plot written to {tmp_path / f'{kind}.png'}"  # no third-party warning
+
+
+def test_plot_of_a_report_with_nothing_to_draw_is_refused(files, profile_report, tmp_path):
+    empty = files("empty.json", dict(profile_report, results=[]))
+    _one_error_line(invoke("report", empty, "--plot", tmp_path / "p.png"), "no results to draw")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_every_committed_report_loads_and_writes_back_unchanged():
+    """The checks refuse no report randbp wrote: results/ and the golden files, read and written back."""
+    from randbp_cli.report import REPORTS, load_report
+
+    root = Path(__file__).resolve().parent.parent
+    paths = [p for p in [*root.glob("results/**/*.json"), *root.glob("tests/golden/*.json")]
+             if json.loads(p.read_text()).get("schema") in REPORTS]
+    assert len(paths) >= 12
+    for path in paths:
+        assert load_report(path).to_dict() == json.loads(path.read_text()), path
+
+
+# ---------------------------------------------------------------------------- file permissions
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then put the old one back."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_written_files_honour_the_umask(files, profile_report, tmp_path, umask, mask):
+    """Reports, baselines and plots were -rw------- whatever the umask (mkstemp's mode, renamed into place)."""
+    umask(mask)
+    current = files("now.json", profile_report)
+    assert invoke("check", current, "--baseline", tmp_path / "base.json", "--update").exit_code == 0
+    assert invoke("report", current, "--plot", tmp_path / "plot.png").exit_code == 0
+    for name in ("base.json", "plot.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_a_replaced_file_keeps_its_mode(files, profile_report, tmp_path, umask):
+    """Rewriting a file in place keeps its permissions, as writing into it would."""
+    baseline = files("base.json", profile_report)
+    baseline.chmod(0o640)
+    assert invoke("check", files("now.json", profile_report), "--baseline", baseline, "--update").exit_code == 0
+    assert stat.S_IMODE(baseline.stat().st_mode) == 0o640
+
+
+# ---------------------------------------------------------------------------- benchmark outputs
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name, titles", [
+    ("bench-profile-targets-cpu.json", ["randbp.benchmark/1: 13 of 13 checks pass", "reports[0]: randbp profile",
+                                        "reports[1]: randbp profile"]),
+    ("methods-roberta-base-cpu.json", ["randbp.methods-benchmark/1: 15 of 15 checks pass",
+                                       "profiles.128: randbp profile", "variance.0.1: randbp variance", "budget"]),
+    ("finetune-synthetic-seeds-cpu.json", ["randbp.finetune-seeds/1: 2 of 2 checks pass", "summary"]),
+])
+def test_benchmark_outputs_render(name, titles):
+    """`randbp report` refused results/bench-*.json and methods-*.json, which the README said it renders."""
+    result = invoke("report", ROOT / "results" / name, "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    shown = [line.strip("*") for line in result.stdout.splitlines() if line.startswith("**")]
+    for title in titles:
+        assert any(line.startswith(title) for line in shown), (title, shown)
+    assert "| PASS |" in result.stdout
+
+
+def test_benchmark_output_names_a_bad_embedded_report_and_has_no_plot(files, profile_report, tmp_path):
+    bench = {"schema": "randbp.benchmark/1", "checks": [{"check": "it holds", "passed": False}],
+             "reports": [profile_report, _doctored(profile_report, MALFORMED["bytes-text"][0])]}
+    _one_error_line(invoke("report", files("bench.json", bench)),
+                    'bench.json: reports[1].results[2].activation_bytes must be an integer (got "912MB")')
+    bench["reports"] = bench["reports"][:1]
+    result = invoke("report", files("bench.json", bench))
+    assert result.exit_code == 0 and "0 of 1 checks pass" in result.stdout and "FAIL" in result.stdout
+    _one_error_line(invoke("report", files("bench.json", bench), "--plot", tmp_path / "b.png"),
+                    "a benchmark's output has no plot")
+    assert not (tmp_path / "b.png").exists()
+    _one_error_line(invoke("report", files("other.json", {"schema": "randbp.other/1", "x": 1})),
+                    "'randbp.other/1', which this randbp does not read")
+    _one_error_line(invoke("check", files("bench.json", bench), "--baseline", files("p.json", profile_report)),
+                    "is a randbp.benchmark/1 report; expected randbp.profile/1")
+
+
+def test_a_baseline_from_one_gpu_judges_a_run_on_another(files, profile_report):
+    """Cases match on the device type: recording cuda:3 (not "cuda") must not break the gate."""
+    def on(index):
+        report = _with_cuda_peak(profile_report, 1_000_000)
+        report["environment"]["device"] = f"cuda:{index}"
+        for r in report["results"]:
+            r["device"] = f"cuda:{index}"
+        return report
+
+    result = invoke("check", files("now.json", on(3)), "--baseline", files("base.json", on(0)))
+    assert result.exit_code == 0, result.output
+    assert "PASS: 6 case(s)" in result.stderr and "device type differs" not in result.stderr
+
+
+def test_a_missing_baseline_says_how_to_create_it(files, profile_report, tmp_path):
+    current = files("now.json", profile_report)
+    _one_error_line(invoke("check", current, "--baseline", tmp_path / "base.json"), "base.json' does not exist",
+                    f"randbp check {current} --baseline {tmp_path / 'base.json'} --update")
+    _one_error_line(invoke("profile", "--model", "roberta-tiny", "--check", tmp_path / "base.json"),
+                    "base.json' does not exist", f"-o {tmp_path / 'base.json'}", "--update")
+
+
+def test_readme_check_block_runs_top_to_bottom(tmp_path, monkeypatch):
+    """The README's `randbp check` block checked against a baseline only its last line created.
+    Run as written, on the tiny model (roberta-base's minute per profile swapped out), in a fresh folder."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Guarding memory in CI", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split(" #", 1)[0] for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    commands = [shlex.split(line) for line in lines]
+    assert [c[:2] for c in commands] == [["randbp", "profile"], ["randbp", "check"], ["randbp", "check"],
+                                         ["randbp", "profile"]]
+    tiny = ["--model", "roberta-tiny", "--seq-len", "16", "--steps", "1", "--warmup", "0"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "baselines").mkdir(parents=True)
+    for command in commands:
+        args = command[1:]
+        if args[0] == "profile":
+            args = [a for i, a in enumerate(args) if a != "--model" and (i == 0 or args[i - 1] != "--model")]
+            args = [args[0], *tiny, *args[1:]]
+        result = invoke(*args)
+        assert result.exit_code == 0, (command, result.output)
+
+
+def test_odd_but_valid_reports_render(tmp_path, files, profile_report, variance_report):
+    """Null where a key may be null, an object without the keys a table reads, more sketches than
+    plot markers: each rendered, none a traceback."""
+    profile = _doctored(profile_report, lambda d: d["config"].__setitem__("device", None))
+    profile["results"][0]["budget"] = {"capped": True}  # no budget_bytes, no max_batch_size
+    result = invoke("report", files("p.json", profile))
+    assert result.exit_code == 0, result.output
+    assert "max batch ≤ ? MiB" in result.stdout
+    names = ["balanced", "gaussian", "rademacher", "countsketch", "srht", "crs", "wta-crs"]
+    variance = copy.deepcopy(variance_report)
+    variance["records"] = [dict(variance["records"][0], sketch=name) for name in names]
+    result = invoke("report", files("v.json", variance), "--plot", tmp_path / "v.png")
+    assert result.exit_code == 0, result.output
+
+
+def test_savers_and_compile_mode_tell_cases_apart():
+    from randbp_cli.check import case_key, describe_key
+    from randbp_cli.report import ProfileReport, ProfileResult
+
+    report = ProfileReport(model={"name": "m"})
+    plain = ProfileResult(method="randomized", rho=0.1, sketch="balanced", batch_size=8, seq_len=128, dtype="float32",
+                          device="cpu")
+    saved = ProfileResult(**{**plain.to_dict(), "savers": ["dropout"]})
+    compiled = ProfileResult(**{**plain.to_dict(), "compile": "default"})
+    keys = {case_key(report, r) for r in (plain, saved, compiled)}
+    assert len(keys) == 3
+    assert describe_key(case_key(report, saved)) == "m balanced rho=0.1 +dropout b=8 seq=128 float32 cpu"
+    assert "compiled (default)" in describe_key(case_key(report, compiled))

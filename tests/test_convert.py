@@ -150,3 +150,19 @@ def test_restore_undoes_savers_too_and_convert_keeps_them(tiny_roberta):
     assert saver_names(model) == ["dropout", "gelu:2"]
     model = restore(model)
     assert saver_names(model) == [] and converted_names(model) == []
+
+
+def test_what_the_readme_calls_is_importable_from_the_package():
+    """The README's library section names `skipped_linears(model)`, which `randbp_cli` did not export."""
+    import re
+    from pathlib import Path
+
+    import randbp_cli
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Use it from your training script", 1)[1].split("\n## ", 1)[0]
+    called = set(re.findall(r"`([A-Za-z_]\w*)\(", section))
+    imported = {name.strip() for line in re.findall(r"from randbp_cli import (.+)", section) for name in line.split(",")}
+    assert "skipped_linears" in called and len(called | imported) >= 5
+    missing = sorted(name for name in called | imported if name not in randbp_cli.__all__)
+    assert not missing, missing

@@ -149,6 +149,10 @@ def test_bad_input_one_line(args, code, needle):
     ("labels-out-of-range", "out of range"),
     ("empty", "no rows"),
     ("unreadable", "cannot read"),
+    # an empty file said "An error occurred while generating the dataset" (datasets' words), with no fix
+    ("empty-file", "train.csv' is empty: a CSV file needs a header row naming its columns"),
+    ("blank-file", "train.csv' is empty: a CSV file needs a header row naming its columns"),
+    ("empty-jsonl", "train.jsonl' is empty: a JSON Lines file needs one object per line"),
 ])
 def test_bad_data_files(tmp_path, problem, needle):
     train, dev = tmp_path / "train.csv", tmp_path / "dev.csv"
@@ -162,6 +166,13 @@ def test_bad_data_files(tmp_path, problem, needle):
         dev.write_text("text,label\nhello,5\n")
     elif problem == "empty":
         dev.write_text("text,label\n")
+    elif problem == "empty-file":
+        train.write_text("")
+    elif problem == "blank-file":
+        train.write_text("\n  \n")
+    elif problem == "empty-jsonl":
+        train = tmp_path / "train.jsonl"
+        train.write_text("")
     elif problem == "unreadable":
         dev.write_bytes(b"\x00\x01\x02 not a csv \xff\xfe")
         dev.rename(tmp_path / "dev.parquet")
@@ -205,3 +216,9 @@ def test_savers_beside_a_plain_exact_run():
         (f"{DEFAULT_SKETCH} rho=0.5 +dropout +gelu:2", ["dropout", "gelu:2"])]
     assert runs[1]["memory"]["activation_bytes_by_kind"]["gelu_codes"] > 0
     assert runs[1]["vs_exact"]["activation_bytes"] < 1  # against the plain exact run
+
+
+def test_offline_glue_without_data_says_offline_mode_was_asked_for():
+    result = _finetune([*TINY, "--task", "mrpc", "--offline"])
+    assert result.exit_code == 1 and "unreachable" not in result.stderr, result.stderr
+    assert "--offline" in result.stderr and "--data-dir" in result.stderr

@@ -85,10 +85,23 @@ def test_cli_table():
 
 
 def test_cli_isolate(tmp_path):
-    result = _invoke(["profile", *TINY, "--rho", "0.5", "-b", "2", "--isolate", "--json"])
-    assert result.exit_code == 0, result.output
-    results = json.loads(result.stdout)["results"]
+    """Each case in a fresh process, from a checkpoint without a classifier head: the fresh processes
+    printed transformers' loading report and bars (and, now and then, leaked-semaphore warnings)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, AutoModel
+
+    from randbp_cli.models import builtin_config_path
+
+    AutoModel.from_config(AutoConfig.from_pretrained(builtin_config_path("roberta-tiny"))).save_pretrained(tmp_path)
+    args = [arg if arg != "roberta-tiny" else str(tmp_path) for arg in TINY]
+    proc = subprocess.run([sys.executable, "-m", "randbp_cli", "profile", *args, "--rho", "0.5", "-b", "2", "--isolate",
+                           "--device", "cpu", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)["results"]
     assert results[1]["activation_saving_vs_exact"] > 0
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("[")] == []  # progress lines only
 
 
 @pytest.mark.parametrize("args, code, needle", [
@@ -263,3 +276,31 @@ def test_compile_runs_every_case_compiled_and_says_so(monkeypatch):
     exact, half, tenth = report["results"]
     assert tenth["activation_bytes"] < half["activation_bytes"] < exact["activation_bytes"]  # counted eagerly
     assert _invoke(["profile", "--compile-mode", "default", "--device", "cpu"]).exit_code == 2
+
+
+def test_device_index_is_recorded_wherever_the_device_is(monkeypatch):
+    """`--device cuda:3` was recorded as "cuda" in every result and in the environment."""
+    from randbp_cli import memory
+    from randbp_cli.plans import ProfileConfig as Config
+    from randbp_cli.profiling import _case_result
+    from randbp_cli.report import environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
+    monkeypatch.setattr(memory, "nvml_info", lambda device: {"available": False, "reason": "a test"})
+    plan = Config(model="roberta-tiny", rhos=[0.5], sketches=["countsketch"], device="cuda:3").resolve()
+    assert plan.config_record()["device"] == "cuda:3"
+    assert _case_result(plan.cases[0], plan, "roberta-tiny", {}).device == "cuda:3"
+    env = environment(plan.device)
+    assert env["device"] == "cuda:3" and env["device_name"] == "GPU 3"
+
+
+def test_offline_says_offline_mode_was_asked_for():
+    """--offline said 'the Hub is unreachable', as if the network had failed."""
+    result = _invoke(["profile", *TINY, "-b", "2", "--device", "cpu", "--offline", "--json"])
+    assert result.exit_code == 0, result.output
+    note = json.loads(result.stdout)["model"]["note"]
+    assert "unreachable" not in note and "--offline" in note
+    result = _invoke(["profile", "--model", "nobody/unknown-model", "--offline"])
+    assert result.exit_code == 2 and "unreachable" not in result.stderr and "--offline" in result.stderr

@@ -200,3 +200,39 @@ def test_bad_saver_names_are_one_line_and_exit_2(bad, message):
         result = runner.invoke(app, [*command, "--saver", bad, "--device", "cpu"])
         assert result.exit_code == 2, result.output
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_batch_size_one_fails_before_anything_is_loaded(monkeypatch):
+    """`--batch-size 1` ran 73 s (data, model, training) before failing at the first measurement."""
+    import randbp_cli.variance
+
+    def never(plan):
+        raise AssertionError("loaded data and model for a batch size that cannot be measured")
+
+    monkeypatch.setattr(randbp_cli.variance, "load_model_and_task", never)
+    result = runner.invoke(app, ["variance", "--task", "synthetic", "--batch-size", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--batch-size 1" in lines[0] and "at least 2" in lines[0], result.stderr
+
+
+def test_a_short_last_batch_is_not_measured():
+    """9 examples at batch 8 left a last batch of one sequence: the classifier head saw one row and
+    the run failed mid-way. Partial batches are dropped; every measured batch is a full one."""
+    result = runner.invoke(app, ["variance", "--task", "synthetic", "--max-train-samples", "9", "--batch-size", "8",
+                                 "--layer", "classifier.out_proj", "--steps", "2", "--every", "1", "--repeats", "2",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["rows"] for r in json.loads(result.stdout)["records"]] == [8, 8, 8]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal():
+    """variance printed nothing for minutes in a CI log; like profile it now says where it is, in plain lines."""
+    result = runner.invoke(app, ["variance", *TINY, "--layer", "roberta.encoder.layer.0.output.dense", "--repeats",
+                                 "2", "--steps", "20", "--every", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "variance: 20 steps"
+    assert [line.split(",")[0] for line in lines[1:]] == [f"variance: step {s}/20" for s in (2, 4, 6, 8, 10, 12, 14,
+                                                                                            16, 18, 20)]
+    assert "\x1b" not in result.stderr  # no bar, no colour codes
