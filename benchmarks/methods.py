@@ -7,7 +7,7 @@ roberta-base (built-in architecture, random init when no checkpoint), fp32, CPU:
   1. memory and time: exact, every estimator at ρ = 0.5/0.2/0.1, checkpointing, and
      checkpointing + countsketch (ρ = 0.1), batch 8 at 128 tokens; the same without the
      combination at 512 tokens (ρ = 0.5/0.1). Cases interleaved round by round for timing.
-     Target: the linear-cost estimators (countsketch, crs, wta-crs) at or under 1.00× exact
+     Target: the linear-cost estimators (balanced, countsketch, crs, wta-crs) at or under 1.00× exact
      time at ρ ≤ 0.5 at both lengths.
   2. budget: the largest batch (128 tokens) whose activation peak fits --budget-mib, found by
      measuring, for exact, each estimator at ρ = 0.1, checkpointing, and checkpointing +
@@ -31,7 +31,7 @@ from randbp_cli.profiling import run_profile  # noqa: E402
 from randbp_cli.report import environment, write_json_atomic  # noqa: E402
 from randbp_cli.sketches import sketch_names  # noqa: E402
 
-LINEAR_COST = ("countsketch", "crs", "wta-crs")
+LINEAR_COST = ("balanced", "countsketch", "crs", "wta-crs")
 LAYER_KINDS = ["attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
