@@ -13,7 +13,7 @@ Library:
 from .convert import convert, converted_names, describe_conversion, restore, select_linears, skipped_linears
 from .errors import ConfigError, RandbpError
 from .layers import RandomizedLinear, RandomizedLinearFunction, randomized_linear
-from .memory import SavedTensorCounter, count_saved_bytes
+from .memory import SavedTensorCounter, count_saved_bytes, live_bytes_after
 from .savers import apply_savers, describe_savers, restore_savers, saver_names
 from .sketches import Sketch, get_sketch, sketch_names, sketch_rows
 
@@ -22,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "RandbpError", "RandomizedLinear", "RandomizedLinearFunction", "SavedTensorCounter",
     "Sketch", "apply_savers", "convert", "converted_names", "count_saved_bytes", "describe_conversion",
-    "describe_savers", "get_sketch", "randomized_linear", "restore", "restore_savers", "saver_names",
+    "describe_savers", "get_sketch", "live_bytes_after", "randomized_linear", "restore", "restore_savers", "saver_names",
     "select_linears", "sketch_names", "sketch_rows", "skipped_linears", "__version__",
 ]
