@@ -455,11 +455,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("name, titles", [
-    ("bench-profile-targets-cpu.json", ["randbp.benchmark/1: 13 of 13 checks pass", "reports[0]: randbp profile",
+    ("bench-profile-targets-cpu.json", ["randbp.benchmark/1: 21 of 22 checks pass", "reports[0]: randbp profile",
                                         "reports[1]: randbp profile"]),
     ("methods-roberta-base-cpu.json", ["randbp.methods-benchmark/1: 15 of 15 checks pass",
                                        "profiles.128: randbp profile", "variance.0.1: randbp variance", "budget"]),
-    ("finetune-synthetic-seeds-cpu.json", ["randbp.finetune-seeds/1: 2 of 2 checks pass", "summary"]),
+    ("finetune-synthetic-seeds-cpu.json", ["randbp.finetune-seeds/1: 4 of 4 checks pass", "summary"]),
 ])
 def test_benchmark_outputs_render(name, titles):
     """`randbp report` refused results/bench-*.json and methods-*.json, which the README said it renders."""
