@@ -283,7 +283,7 @@ def test_device_index_is_recorded_wherever_the_device_is(monkeypatch):
     from randbp_cli import memory
     from randbp_cli.plans import ProfileConfig as Config
     from randbp_cli.profiling import _case_result
-    from randbp_cli.report import environment
+    from randbp_cli.environment import environment
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
