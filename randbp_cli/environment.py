@@ -41,7 +41,7 @@ def environment(device: torch.device | None = None) -> dict:
     import transformers
 
     from . import __version__
-    from .memory import nvml_info
+    from .meters import nvml_info
 
     device = device or torch.device("cpu")
     cuda = torch.cuda.is_available()

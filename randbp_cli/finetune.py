@@ -31,7 +31,7 @@ from .distributed import SINGLE, Distributed, all_reduce_sum, gather_objects, sh
 from .engine import Engine, TrainCallbacks
 from .environment import environment
 from .errors import ConfigError
-from .memory import NvmlSampler, synchronize
+from .meters import NvmlSampler, synchronize
 from .methods import Method
 from .models import LoadedModel, check_save_dir, hub_reachable, max_sequence_length, save_model
 from .plans import FinetuneConfig, FinetunePlan

@@ -27,7 +27,7 @@ from .devices import dtype_name
 from .engine import Batch, Engine, Progress
 from .environment import environment
 from .errors import ConfigError
-from .memory import NvmlSampler, summarize_times
+from .meters import NvmlSampler, summarize_times
 from .methods import EXACT
 from .models import LoadedModel, check_methods_supported, load_model, max_sequence_length
 from .plans import ProfileCase, ProfileConfig, ProfilePlan
