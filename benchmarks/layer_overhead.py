@@ -34,7 +34,8 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from randbp_cli import RandomizedLinear, balanced_triton  # noqa: E402
-from randbp_cli.report import environment, write_json_atomic  # noqa: E402
+from randbp_cli.environment import environment  # noqa: E402
+from randbp_cli.files import write_json_atomic  # noqa: E402
 from randbp_cli.sketches import sketch_names  # noqa: E402
 
 SHAPES = [(768, 3072), (3072, 768)]

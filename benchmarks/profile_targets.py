@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from randbp_cli.plans import ProfileConfig  # noqa: E402
 from randbp_cli.profiling import run_profile  # noqa: E402
-from randbp_cli.report import environment, write_json_atomic  # noqa: E402
+from randbp_cli.environment import environment  # noqa: E402
+from randbp_cli.files import write_json_atomic  # noqa: E402
 
 
 def main() -> int:

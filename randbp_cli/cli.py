@@ -35,8 +35,8 @@ from .methods import DEFAULT_SKETCH
 from .plans import FinetuneConfig, FinetunePlan, ProfileConfig, VarianceConfig
 from .profiling import profile_model
 from .render import check_image_path, check_plottable, check_table, plottable, table_to_markdown, tables_for, write_plot
-from .report import (PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, check_writable, load_report, to_json,
-                     write_json_atomic)
+from .files import check_writable, to_json, write_json_atomic
+from .report import PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, load_report
 from .variance import measure_variance
 
 

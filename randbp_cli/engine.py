@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from .convert import converted_names
 from .distributed import SINGLE, Distributed
-from .memory import (RecomputeCounter, SavedTensorCounter, SavedTensorStats, checkpoint_units, cuda_step_memory,
-                     time_call)
+from .memory import RecomputeCounter, SavedTensorCounter, SavedTensorStats, checkpoint_units
+from .meters import cuda_step_memory, time_call
 from .methods import Method, prepare_model
 
 Batch = dict[str, Tensor]
@@ -154,7 +154,7 @@ class Engine:
         return time_call(lambda: self.step(batch), self.device)
 
     def cuda_step_memory(self, batch: Batch) -> dict:
-        """CUDA allocator phases of one training step (memory.cuda_step_memory)."""
+        """CUDA allocator phases of one training step (meters.cuda_step_memory)."""
 
         def backward_and_step(loss: Tensor) -> None:
             self.backward(loss)

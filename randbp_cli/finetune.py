@@ -29,12 +29,13 @@ from .data import TaskInputs, load_model_and_task, load_task_model
 from .devices import dtype_name
 from .distributed import SINGLE, Distributed, all_reduce_sum, gather_objects, shard
 from .engine import Engine, TrainCallbacks
+from .environment import environment
 from .errors import ConfigError
-from .memory import NvmlSampler, synchronize
+from .meters import NvmlSampler, synchronize
 from .methods import Method
 from .models import LoadedModel, check_save_dir, hub_reachable, max_sequence_length, save_model
 from .plans import FinetuneConfig, FinetunePlan
-from .report import FinetuneReport, FinetuneRun, environment
+from .report import FinetuneReport, FinetuneRun
 from .tasks import TaskSpec, compute_metrics
 
 

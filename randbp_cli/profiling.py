@@ -25,12 +25,13 @@ from torch import nn
 from .convert import select_linears
 from .devices import dtype_name
 from .engine import Batch, Engine, Progress
+from .environment import environment
 from .errors import ConfigError
-from .memory import NvmlSampler, summarize_times
+from .meters import NvmlSampler, summarize_times
 from .methods import EXACT
 from .models import LoadedModel, check_methods_supported, load_model, max_sequence_length
 from .plans import ProfileCase, ProfileConfig, ProfilePlan
-from .report import ProfileReport, ProfileResult, environment
+from .report import ProfileReport, ProfileResult
 
 CHECKPOINT_NOTE = ("each unit's input is kept; one unit at a time is recomputed in backward "
                    "(reentrant torch.utils.checkpoint)")

@@ -14,9 +14,10 @@ from rich.table import Table
 
 from .check import CheckResult
 from .errors import ConfigError
+from .files import atomic_path
 from .methods import method_label
-from .report import (BenchmarkOutput, FinetuneReport, FinetuneRun, ProfileReport, Report, VarianceReport, atomic_path,
-                     merge_profiles, one_kind)
+from .report import (BenchmarkOutput, FinetuneReport, FinetuneRun, ProfileReport, Report, VarianceReport, merge_profiles,
+                     one_kind)
 
 MiB = 1 << 20
 IMAGE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp")

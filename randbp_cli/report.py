@@ -1,4 +1,4 @@
-"""Reports: the typed report objects, their JSON files, and the environment every report records.
+"""Reports: the typed report objects and how a report file is read back.
 
 Every report is a dataclass whose `to_dict()` is exactly its JSON document: a `schema` with a
 version first, then the environment, the config and the measurements, with units in the key
@@ -9,27 +9,21 @@ annotation, the keys read from its objects against `SHAPES`, the keys it cannot 
 `BenchmarkOutput`. Keys a report has and this version does not know are kept (`extra`) and
 written back as they were.
 
-Rendering (tables, Markdown, plots) lives in render.py; nothing here imports a UI library.
+Rendering (tables, Markdown, plots) lives in render.py; nothing here imports a UI library. The
+environment a report records is environment.py's, and files are written by files.py.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import platform
-import stat
-import subprocess
-import tempfile
 import typing
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 
-from .errors import ConfigError, OutputError, ReportError, ReportWriteError
+from .errors import ConfigError, ReportError
 from .shapes import at, check_shape, or_null, shown
 
 PROFILE_SCHEMA = "randbp.profile/1"
@@ -413,136 +407,3 @@ def merge_profiles(reports: list[ProfileReport]) -> ProfileReport:
     names = list(dict.fromkeys((report.model or {}).get("name", "?") for report in reports))
     return replace(reports[0], results=[r for report in reports for r in report.results],
                    model={**(reports[0].model or {}), "name": ", ".join(names)})
-
-
-# ---------------------------------------------------------------------------- environment and files
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> dict | None:
-    """The commit the code ran from, and whether tracked files other than results/ differ from it
-    (regenerating one result after another must not make the later ones look dirty)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():
-        return None
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": bool(dirty)}
-
-
-def environment(device: torch.device | None = None) -> dict:
-    """Versions and hardware that change the numbers, for every report."""
-    import transformers
-
-    from . import __version__
-    from .memory import nvml_info
-
-    device = device or torch.device("cpu")
-    cuda = torch.cuda.is_available()
-    env = {
-        "randbp": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),  # with its index: cuda:3
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cuda_version": torch.version.cuda,
-        "cuda_available": cuda,
-        "nvml": nvml_info(device) if cuda else {"available": False, "reason": "no CUDA device visible to torch"},
-        "git": _git_commit(),
-    }
-    env["driver_version"] = env["nvml"].get("driver_version")
-    return env
-
-
-# ---------------------------------------------------------------------------- files
-
-
-def check_writable(path: str | Path) -> Path:
-    """Fail early (before a long run) if the report cannot be written at `path`."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise OutputError(f"output path {str(path)!r} is a directory: give a file name such as {path / 'report.json'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise OutputError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist (create it first)")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise OutputError(f"cannot write {str(path)!r}: permission denied; choose another -o/--output path")
-    return path
-
-
-def _final_mode(path: Path) -> int:
-    """The permissions `path` gets: those of the file it replaces, else 0666 less the umask (what
-    open() would give it; mkstemp's 0600 would hide a CI artifact from every other user)."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yields a temp path beside `path`; renames it onto `path` only if the block succeeds."""
-    path = check_writable(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as err:
-        raise ReportWriteError(f"cannot write {str(path)!r}: {err.strerror}") from None
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, _final_mode(path))
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise ReportWriteError(f"could not write {str(path)!r}: {err.strerror}; nothing was written") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON to a temp file beside `path`, then rename: never a half-written report."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-    return Path(path)
-
-
-def _json_default(value):
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def to_json(data: dict) -> str:
-    return json.dumps(data, indent=2, default=_json_default)

@@ -37,11 +37,12 @@ from torch import Tensor, nn
 from .convert import name_matches
 from .data import load_model_and_task
 from .engine import Engine, TrainCallbacks
+from .environment import environment
 from .errors import ConfigError
 from .gelu import FewBitGELU, gelu_gradient_error
 from .layers import draw_seed
 from .plans import VarianceConfig, VariancePlan
-from .report import VarianceRecord, VarianceReport, VarianceSummary, environment
+from .report import VarianceRecord, VarianceReport, VarianceSummary
 from .sketches import Sketch, get_sketch, sketch_rows
 
 

@@ -5,8 +5,8 @@ from torch import nn
 
 from conftest import requires_cuda
 from randbp_cli import SavedTensorCounter, convert
-from randbp_cli.memory import (NvmlSampler, cuda_step_memory, fold_layer_indices, nvml_info,
-                               summarize_times)
+from randbp_cli.memory import fold_layer_indices
+from randbp_cli.meters import NvmlSampler, cuda_step_memory, nvml_info, summarize_times
 
 F32 = 4
 

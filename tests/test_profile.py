@@ -280,15 +280,15 @@ def test_compile_runs_every_case_compiled_and_says_so(monkeypatch):
 
 def test_device_index_is_recorded_wherever_the_device_is(monkeypatch):
     """`--device cuda:3` was recorded as "cuda" in every result and in the environment."""
-    from randbp_cli import memory
+    from randbp_cli import meters
+    from randbp_cli.environment import environment
     from randbp_cli.plans import ProfileConfig as Config
     from randbp_cli.profiling import _case_result
-    from randbp_cli.report import environment
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
-    monkeypatch.setattr(memory, "nvml_info", lambda device: {"available": False, "reason": "a test"})
+    monkeypatch.setattr(meters, "nvml_info", lambda device: {"available": False, "reason": "a test"})
     plan = Config(model="roberta-tiny", rhos=[0.5], sketches=["countsketch"], device="cuda:3").resolve()
     assert plan.config_record()["device"] == "cuda:3"
     assert _case_result(plan.cases[0], plan, "roberta-tiny", {}).device == "cuda:3"
