@@ -10,10 +10,13 @@ What is recomputed in backward: the mask, from the seed, on the gradient's devic
 
 What is exact: forward out = x ⊙ noise and backward g ⊙ noise with the same noise tensor,
 noise = keep/(1−p) in x's dtype (keep ∈ {0, 1}, computed as `keep.div_(1 − p)`, the formula
-of torch's own CPU dropout). keep = [u ≥ p] for u uniform on [0, 1), drawn in float32 from a
-generator seeded with the call's seed, so P(keep) = 1 − p to float32's 2^-24 resolution,
-as with torch's `bernoulli_`. The masks differ from `nn.Dropout`'s (another random stream)
-but have the same distribution.
+of torch's own CPU dropout). keep = [u ≥ round(p·2^32)] for u a uniform 32-bit integer, from a
+generator seeded with the call's seed, so P(keep) = 1 − p to 2^-33 (finer than `bernoulli_`'s
+float32 draw). The masks differ from `nn.Dropout`'s (another random stream) but have the same
+distribution. Why 32-bit integers, two per 64-bit draw: torch's CPU generator fills tensors
+serially, one draw per element, and one 64-bit draw per two elements takes 0.56× the time of
+`uniform_` and 0.30× that of `bernoulli_` (roberta-base's hidden dropout, 2 cores), which
+makes drawing each mask twice (forward and backward) cheaper than native dropout's one draw.
 
 Seeds: each call draws a fresh seed from torch's global CPU RNG, so `torch.manual_seed`
 reproduces a run, no two calls share a mask by accident, and activation checkpointing (which
@@ -46,15 +49,25 @@ def seed_is_graph_safe(x: Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _keep_threshold(p: float) -> int:
+    """T with P(s >= T) = 1 − round(p·2^32)/2^32 for s a uniform signed 32-bit integer."""
+    return min(max(round(p * 2**32), 0), 2**32 - 1) - 2**31
+
+
 def keep_noise(like: Tensor, p: float, seed: int) -> Tensor:
     """The dropout multiplier keep/(1−p) drawn from `seed`, shaped like `like`, in its dtype and device."""
     generator = torch.Generator(device=like.device)
     generator.manual_seed(seed)
-    uniform = torch.empty(like.shape, dtype=torch.float32, device=like.device).uniform_(generator=generator)
-    keep = uniform.ge_(p)  # in place: 1.0 where kept, 0.0 where dropped
-    if like.dtype != torch.float32:
-        keep = keep.to(like.dtype)
-    return keep.div_(1 - p)
+    n = like.numel()
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=like.device)
+    words.random_(-2**63, None, generator=generator)  # all 64 bits uniform: two int32 lanes each
+    lanes = words.view(torch.int32)[:n].view(like.shape)
+    if like.dtype == torch.float32:  # write keep over the lanes it reads (same 4-byte slots): no second buffer
+        noise = words.view(torch.float32)[:n].view(like.shape)
+    else:
+        noise = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    torch.ge(lanes, _keep_threshold(p), out=noise)  # 1 where kept, 0 where dropped
+    return noise.div_(1 - p)
 
 
 class SeedDropoutFunction(torch.autograd.Function):

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import tiny_batch
 from randbp_cli import SavedTensorCounter, convert, converted_names, restore
 from randbp_cli.attention import ATTN_IMPLEMENTATION, SeedAttentionFunction, seed_attention_forward
-from randbp_cli.dropout import SeedDropout, SeedDropoutFunction, keep_noise, seed_dropout
+from randbp_cli.dropout import SeedDropout, SeedDropoutFunction, _keep_threshold, keep_noise, seed_dropout
 from randbp_cli.errors import ConfigError
 from randbp_cli.gelu import (FewBitGELU, few_bit_gelu, gelu_gradient_error, gelu_levels, pack_codes, quantize,
                              unpack_codes)
@@ -80,6 +80,25 @@ def test_seed_dropout_drop_rate_matches_p():
     p, n = 0.1, 400_000
     dropped = float((seed_dropout(torch.ones(n), p) == 0).float().mean())
     assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_keep_threshold_gives_p_to_2_pow_minus_32():
+    # keep iff a uniform signed 32-bit lane s >= T: P(drop) = (T + 2^31) / 2^32
+    for p in (0.1, 0.5, 0.9, 1e-3, 1 - 1e-3):
+        drop = (_keep_threshold(p) + 2**31) / 2**32
+        assert abs(drop - p) <= 2**-33
+    assert _keep_threshold(1e-12) == -2**31  # keeps everything
+    assert _keep_threshold(1 - 1e-12) == 2**31 - 1  # within int32
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_keep_noise_is_one_mask_in_every_dtype(n):
+    """fp32 writes keep over its random words, other dtypes into a new tensor: same mask."""
+    like = torch.empty(n, 3)
+    masks = [keep_noise(like.to(dtype), 0.3, 99) != 0 for dtype in (torch.float32, torch.float64, torch.bfloat16)]
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    assert torch.equal(keep_noise(like, 0.3, 99), keep_noise(like, 0.3, 99))
+    assert keep_noise(like, 0.3, 99).shape == (n, 3)
 
 
 def test_seed_dropout_eval_and_zero_p_are_identity_without_drawing():
