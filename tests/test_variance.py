@@ -1,6 +1,7 @@
 """Variance estimators on fixed X, Y; the capture hooks; `randbp variance` end to end offline."""
 
 import json
+import re
 import struct
 
 import pytest
@@ -126,6 +127,27 @@ def test_cli_table():
                                  "--repeats", "8"])
     assert result.exit_code == 0, result.output
     assert "D²_RMM" in result.stdout and "bound" in result.stdout
+
+
+def test_table_shows_k_over_all_rows_and_the_real_rows_apart():
+    """k is drawn over all N rows (padding included); B, the SGD samples, is the real rows."""
+    from rich.console import Console
+    from randbp_cli.render import variance_table
+    from randbp_cli.report import VarianceRecord, VarianceReport
+
+    record = VarianceRecord(layer="l", step=0, sketch="gaussian", rho=0.5, k=8, rows=16, real_rows=11,
+                            alpha=0.5, d2_sgd=1.0, d2_rmm_measured=1.0, d2_rmm_se=0.1, d2_rmm_theory=1.0,
+                            ratio=0.8, bound=3.0)
+    console = Console(width=200, record=True)
+    console.print(variance_table(VarianceReport(config={"rho": 0.5}, records=[record])))
+    text = console.export_text()
+    assert "k / N" in text and "k / B" not in text
+    header = next(line for line in text.splitlines() if "k / N" in line)
+    row = next(line for line in text.splitlines() if "gaussian" in line)
+    assert "8 / 16" in row
+    columns = [c.strip() for c in re.split("[│┃]", header)]
+    cells = [c.strip() for c in re.split("[│┃]", row)]
+    assert cells[columns.index("B")] == "11"
 
 
 @pytest.mark.parametrize("args, needle", [
