@@ -460,6 +460,8 @@ ROOT = Path(__file__).resolve().parent.parent
     ("methods-roberta-base-cpu.json", ["randbp.methods-benchmark/1: 15 of 15 checks pass",
                                        "profiles.128: randbp profile", "variance.0.1: randbp variance", "budget"]),
     ("finetune-synthetic-seeds-cpu.json", ["randbp.finetune-seeds/1: 4 of 4 checks pass", "summary"]),
+    ("bench-savers-cpu.json", ["randbp.bench.savers/1: 5 of 5 checks pass", "reports.both_8x128: randbp profile",
+                               "reports.both_8x512: randbp profile"]),
 ])
 def test_benchmark_outputs_render(name, titles):
     """`randbp report` refused results/bench-*.json and methods-*.json, which the README said it renders."""
