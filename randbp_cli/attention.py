@@ -76,6 +76,8 @@ class SeedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor | None, grad_dropped: Tensor | None):
         query, key, value, probs, mask = ctx.saved_tensors
         noise = keep_noise(probs, ctx.p, ctx.seed)  # the forward's mask, drawn again
+        if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
+            return _differentiable_backward(ctx, query, key, value, probs, mask, noise, grad_out, grad_dropped)
         grad_q = grad_k = grad_v = grad_mask = None
         grad_d = grad_dropped  # ∂L/∂P_d, (B, H, Tq, Tk)
         if grad_out is not None:
@@ -96,6 +98,35 @@ class SeedAttentionFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_k = torch.matmul(query.transpose(2, 3), grad_scores).transpose(2, 3)
         return grad_q, grad_k, grad_v, grad_mask, None, None, None
+
+
+def _differentiable_backward(ctx, query, key, value, probs, mask, noise, grad_out, grad_dropped):
+    """The backward with `create_graph=True`: the forward's ops run again from the saved Q, K, V
+    (which carry their graph) with the same mask, and autograd differentiates them with a graph.
+
+    The hand-written backward holds P without P's dependence on Q and K, so its own derivative
+    would drop those terms. Here scores = Q Kᵀ·scaling + C with C = log P − (Q Kᵀ·scaling),
+    held constant: softmax(scores) is P (C is the additive mask plus a constant per row, to
+    which softmax is blind, and −∞ where P is 0), and its derivative in Q and K is that of the
+    forward, without keeping the mask alive for this rare path. A mask that needs a gradient is
+    saved, and used as it is. This costs one more attention forward, only when a second
+    derivative is asked for (Hessian-vector products, gradient penalties, MAML)."""
+    inputs = [(i, t) for i, t in enumerate((query, key, value, mask)) if t is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        scores = torch.matmul(query, key.transpose(2, 3)) * ctx.scaling
+        if mask is not None:
+            scores = scores + mask
+        else:
+            scores = scores + (torch.log(probs) - scores.detach())
+        dropped = torch.softmax(scores, dim=-1) * noise
+        out = torch.matmul(dropped, value)
+        outputs = [(o, g) for o, g in ((out, grad_out), (dropped, grad_dropped)) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in outputs], [t for _, t in inputs], [g for _, g in outputs],
+                                    create_graph=True, allow_unused=True)
+    result = [None] * 7
+    for (i, _), grad in zip(inputs, grads):
+        result[i] = grad
+    return tuple(result)
 
 
 def model_eager_attention(module: nn.Module) -> Callable:

@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .layers import RandomizedLinear
 from .sharing import SketchSharing
 from .sketches import DEFAULT_SKETCH, Sketch, check_rho, get_sketch
+from .swap import share_hooks
 
 log = logging.getLogger("randbp")
 
@@ -103,15 +104,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def _share_hooks(original: nn.Module, layer: nn.Module) -> None:
-    """Make `layer` use `original`'s hook dictionaries (the same objects, so handles work on both)."""
-    for name, value in vars(original).items():
-        if name.endswith("hooks") or name.endswith("hooks_with_kwargs") or name.endswith("hooks_always_called"):
-            if isinstance(value, dict):
-                object.__setattr__(layer, name, value)
-    object.__setattr__(layer, "_is_full_backward_hook", getattr(original, "_is_full_backward_hook", None))
-
-
 def _bracket_passes(model: nn.Module, sharing: SketchSharing) -> None:
     """Open and close a sharing pass around every forward of the model (even one that raises)."""
     handles = (model.register_forward_pre_hook(sharing.begin_pass),
@@ -135,12 +127,12 @@ def convert(model: nn.Module, rho: float, *, sketch: str | Sketch = DEFAULT_SKET
     originals = {name: model.get_submodule(name) for name in selected}
     replacements: dict[int, RandomizedLinear] = {}
     sharing = SketchSharing()
-    for original in originals.values():
+    for name, original in originals.items():
         if id(original) not in replacements:
-            layer = RandomizedLinear.from_linear(original, rho=rho, sketch=sketch,
-                                                 min_rows=min_rows, share_sketch=share_sketch)
+            layer = RandomizedLinear.from_linear(original, rho=rho, sketch=sketch, min_rows=min_rows,
+                                                 share_sketch=share_sketch, name=name)
             object.__setattr__(layer, _ORIGINAL_ATTR, original)  # plain attribute, not a submodule
-            _share_hooks(original, layer)
+            share_hooks(original, layer)
             layer.sharing = sharing
             replacements[id(original)] = layer
     for name, original in originals.items():
@@ -174,6 +166,7 @@ def _restore_linears(model: nn.Module) -> nn.Module:
         layer = model.get_submodule(name) if name else model
         original = getattr(layer, _ORIGINAL_ATTR)
         original.train(layer.training)
+        share_hooks(layer, original)  # the same dicts; a full backward hook added meanwhile stays full
         model = _replace(model, name, original)
     return model
 

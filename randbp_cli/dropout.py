@@ -4,8 +4,10 @@ Trade-off: `nn.Dropout` keeps its mask until backward (on the CPU a full tensor 
 dtype, on CUDA one byte per element). `SeedDropout` keeps one integer and draws the same mask
 again in backward: memory for one extra pass of random number generation.
 
-What is saved for backward: nothing through `ctx.save_for_backward` (the input is not needed:
-∂L/∂x = g ⊙ mask/(1−p)). The seed and p sit on ctx as plain Python numbers.
+What is saved for backward: nothing through `ctx.save_for_backward` in eager mode (the input is
+not needed: ∂L/∂x = g ⊙ mask/(1−p)); the 8-byte seed tensor sits on ctx, like p. A compiled
+graph saves the seed (8 bytes) instead of the mask torch.compile's own dropout keeps (a bool
+per element).
 What is recomputed in backward: the mask, from the seed, on the gradient's device.
 
 What is exact: forward out = x ⊙ noise and backward g ⊙ noise with the same noise tensor,
@@ -18,35 +20,48 @@ serially, one draw per element, and one 64-bit draw per two elements takes 0.56�
 `uniform_` and 0.30× that of `bernoulli_` (roberta-base's hidden dropout, 2 cores), which
 makes drawing each mask twice (forward and backward) cheaper than native dropout's one draw.
 
-Seeds: each call draws a fresh seed from torch's global CPU RNG, so `torch.manual_seed`
-reproduces a run, no two calls share a mask by accident, and activation checkpointing (which
-restores the RNG state before recomputing a block) redraws the same seeds, hence the same
-masks. In training mode a call draws and drops even under `torch.no_grad()`, as nn.Dropout does.
+Seeds: each call draws a fresh seed from torch's global CPU RNG, inside the custom op
+`randbp::seed_dropout` that also applies the mask and returns the seed (for the reason ops.py
+gives: a compiler may not draw another one for the backward); so `torch.manual_seed`
+reproduces a run, eager and compiled alike, and activation checkpointing (which restores the
+RNG state before recomputing a block) redraws the same seeds, hence the same masks. In
+training mode a call draws and drops even under `torch.no_grad()`, as nn.Dropout does. The
+seed has 62 bits but torch's CPU generator uses the low 32 (a CUDA one all 64): two calls on a
+CPU share a mask with probability 2⁻³² — over 100k roberta-base steps (3.7M dropout calls)
+about 1,600 pairs of calls, each pair in different layers or steps, which changes nothing
+statistically; mixing the 62 bits into the 32 would not change that count.
+
+The ops are tagged `cudagraph_unsafe` (a generator seeded from a host integer cannot be
+replayed by a CUDA graph): Inductor keeps them out of CUDA graphs.
 
 Caveats (where it falls back to torch's native dropout, which keeps its mask):
-  * under `torch.compile` (`torch.compiler.is_compiling()`) and under CUDA-graph capture
-    (`torch.cuda.is_current_stream_capturing()`): a seed read on the host would be baked into
-    the graph as a constant, and every replay would repeat the same mask;
+  * under eager CUDA-graph capture (`torch.cuda.is_current_stream_capturing()`): the seed would
+    be drawn once at capture and every replay would repeat the same mask;
   * p = 1 (everything dropped; there is no mask to keep).
 Eval mode and p = 0 are the identity (the input itself is returned, nothing drawn or saved).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import draw_seed
-
 SAVED_KIND = "dropout_seeds"
+_UNSAFE = (torch.Tag.cudagraph_unsafe,)
+
+
+def capturing(x: Tensor) -> bool:
+    """Is a CUDA graph being captured eagerly on x's stream (a host seed would be baked in)?"""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def seed_is_graph_safe(x: Tensor) -> bool:
-    """May a host-side seed be used for x? Not inside torch.compile or a CUDA-graph capture."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    """May a host-side seed be used for x? Not inside torch.compile or a CUDA-graph capture
+    (what the attention saver, which has no op of its own, still falls back under)."""
+    return not (torch.compiler.is_compiling() or capturing(x))
 
 
 def _keep_threshold(p: float) -> int:
@@ -70,28 +85,74 @@ def keep_noise(like: Tensor, p: float, seed: int) -> Tensor:
     return noise.div_(1 - p)
 
 
+@torch.library.custom_op("randbp::seed_dropout", mutates_args=(), tags=(*_UNSAFE, torch.Tag.nondeterministic_seeded))
+def _dropout_op(x: Tensor, p: float, site: str) -> tuple[Tensor, Tensor]:
+    """(x ⊙ noise(seed), seed) for a seed freshly drawn from torch's CPU RNG. `site` names the
+    calling module, so that no compiler merges two modules' draws on the same input."""
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    return keep_noise(x, p, int(seed)).mul_(x), seed
+
+
+@_dropout_op.register_fake
+def _(x, p, site):
+    return x.new_empty(x.shape), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("randbp::seed_dropout_backward", mutates_args=(), tags=_UNSAFE)
+def _dropout_backward_op(grad: Tensor, p: float, seed: Tensor) -> Tensor:
+    """grad ⊙ noise(seed): the forward's mask, drawn again. Linear in grad, so it is its own derivative."""
+    return keep_noise(grad, p, int(seed)).mul_(grad)
+
+
+@_dropout_backward_op.register_fake
+def _(grad, p, seed):
+    return grad.new_empty(grad.shape)
+
+
+def _save_seed(ctx, inputs, output) -> None:
+    _, ctx.p, seed = inputs
+    ctx.save_for_backward(seed)
+
+
+def _backward_of_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _dropout_backward_op(grad, ctx.p, seed), None, None
+
+
+_dropout_backward_op.register_autograd(_backward_of_backward, setup_context=_save_seed)
+
+
 class SeedDropoutFunction(torch.autograd.Function):
     """out = x ⊙ noise(seed); backward: g ⊙ noise(seed), the noise drawn again from the seed."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: float, seed: int):
-        ctx.p, ctx.seed = p, seed
-        return keep_noise(x, p, seed).mul_(x)  # = x ⊙ noise, into the fresh noise tensor
+    def forward(ctx, x: Tensor, p: float, site: str):
+        out, seed = _dropout_op(x, p, site)
+        ctx.p = p
+        # eager: the seed on ctx (8 bytes, out of the saved-tensor accounting); traced: saved
+        ctx.seed_saved = torch.compiler.is_compiling()
+        ctx.seed = None if ctx.seed_saved else seed
+        ctx.save_for_backward(*((seed,) if ctx.seed_saved else ()))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return keep_noise(grad_out, ctx.p, ctx.seed).mul_(grad_out), None, None
+        seed = ctx.saved_tensors[0] if ctx.seed_saved else ctx.seed
+        return _dropout_backward_op(grad_out, ctx.p, seed), None, None
 
 
-def seed_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+def seed_dropout(x: Tensor, p: float = 0.5, training: bool = True, site: str = "") -> Tensor:
     """`F.dropout(x, p, training)` that keeps a seed, not a mask; see the module doc."""
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0 or x.numel() == 0:
         return x
-    if p == 1.0 or not seed_is_graph_safe(x):
+    if p == 1.0 or capturing(x):
         return F.dropout(x, p, training)
-    return SeedDropoutFunction.apply(x, p, draw_seed())
+    return SeedDropoutFunction.apply(x, p, site)
+
+
+_sites = itertools.count(1)
 
 
 class SeedDropout(nn.Dropout):
@@ -103,7 +164,11 @@ class SeedDropout(nn.Dropout):
 
     saved_kind = SAVED_KIND  # how memory.SavedTensorCounter files what this module saves
 
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__(p, inplace)
+        self.site = f"dropout-{next(_sites)}"  # a string: a constant to torch.compile
+
     def forward(self, x: Tensor) -> Tensor:
         if self.inplace:  # an in-place dropout must modify its input: only torch's can
             return F.dropout(x, self.p, self.training, inplace=True)
-        return seed_dropout(x, self.p, self.training)
+        return seed_dropout(x, self.p, self.training, self.site)

@@ -67,6 +67,12 @@ class ReportError(RandbpError):
     exit_code = 2
 
 
+class SecondOrderError(RandbpError, RuntimeError):
+    """A second-order gradient randbp would get wrong (biased, or a missing term): refused (exit 1)."""
+
+    exit_code = 1
+
+
 class DistributedError(RandbpError):
     """The process group could not be set up (exit code 1)."""
 

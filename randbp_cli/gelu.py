@@ -33,6 +33,8 @@ Caveats:
   * Only the erf GELU: the tanh approximation has a different derivative; `randbp_cli.savers`
     refuses to replace it.
   * Nothing is quantized or saved under `torch.no_grad()` or for inputs that need no gradient.
+  * No second-order gradients: q′ = 0 where GELU″ is not, so differentiating the backward again
+    raises `SecondOrderError` rather than silently dropping that term.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .memory import SAVED_KIND_ATTR
+from .second_order import graph_anchor, refuse_differentiation
 
 BITS = (1, 2, 3, 4)
 SAVED_KIND = "gelu_codes"
@@ -291,22 +294,56 @@ def quantize(x: Tensor, bits: int) -> Tensor:
 # ---------------------------------------------------------------------------- autograd
 
 
+@torch.library.custom_op("randbp::gelu_codes", mutates_args=())
+def _codes_op(x: Tensor, bits: int) -> Tensor:
+    """The packed b-bit interval codes of x: ⌈b·N/8⌉ bytes."""
+    return _pack_(quantize(x, bits), bits)
+
+
+@_codes_op.register_fake
+def _(x, bits):
+    return x.new_empty(((bits * x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("randbp::gelu_codes_backward", mutates_args=())
+def _codes_backward_op(grad: Tensor, packed: Tensor, bits: int) -> Tensor:
+    """grad ⊙ q(x), q read from the packed codes."""
+    slope = unpack_levels(packed, bits, grad.numel(), grad.dtype)  # (N,) q(x)
+    return slope.view(grad.shape).mul_(grad)
+
+
+@_codes_backward_op.register_fake
+def _(grad, packed, bits):
+    return grad.new_empty(grad.shape)
+
+
+_NO_SECOND_ORDER = ("randbp: the gelu:{bits} saver's backward multiplies by a {bits}-bit piecewise-constant q(x) "
+                    "in place of GELU'(x); its own derivative is 0, not GELU''(x), so a second-order gradient "
+                    "through it would silently lose that term. Leave out gelu:B for second-order gradients "
+                    "(Hessian-vector products, gradient penalties, MAML)")
+
+
 class FewBitGeluFunction(torch.autograd.Function):
-    """out = GELU(x) exactly; backward: ∂L/∂x = g ⊙ q(x) from the packed b-bit interval codes."""
+    """out = GELU(x) exactly; backward: ∂L/∂x = g ⊙ q(x) from the packed b-bit interval codes.
+
+    The codes are made and read by custom ops (`randbp::gelu_codes`, `randbp::gelu_codes_backward`),
+    so torch.compile traces this Function without a graph break. A second derivative through the
+    backward is refused (`second_order.refuse_differentiation`): q′ = 0 is not GELU″."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, bits: int):
-        packed = _pack_(quantize(x, bits), bits)  # (⌈b·N/8⌉,) uint8
-        setattr(packed, SAVED_KIND_ATTR, SAVED_KIND)
-        ctx.bits, ctx.shape = bits, x.shape
+    def forward(ctx, x: Tensor, bits: int, anchor: Tensor | None):
+        packed = _codes_op(x, bits)  # (⌈b·N/8⌉,) uint8
+        if not torch.compiler.is_compiling():
+            setattr(packed, SAVED_KIND_ATTR, SAVED_KIND)
+        ctx.bits, ctx.anchor = bits, anchor
         ctx.save_for_backward(packed)
         return F.gelu(x)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (packed,) = ctx.saved_tensors
-        slope = unpack_levels(packed, ctx.bits, grad_out.numel(), grad_out.dtype)  # (N,) q(x)
-        return slope.view(ctx.shape).mul_(grad_out), None
+        grad = _codes_backward_op(grad_out, packed, ctx.bits)
+        return refuse_differentiation(grad, _NO_SECOND_ORDER.format(bits=ctx.bits), ctx.anchor), None, None
 
 
 def few_bit_gelu(x: Tensor, bits: int = 2) -> Tensor:
@@ -314,7 +351,7 @@ def few_bit_gelu(x: Tensor, bits: int = 2) -> Tensor:
     check_bits(bits)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.gelu(x)  # nothing will be differentiated: nothing to keep
-    return FewBitGeluFunction.apply(x, bits)
+    return FewBitGeluFunction.apply(x, bits, graph_anchor(x))
 
 
 class FewBitGELU(nn.Module):

@@ -10,16 +10,20 @@ see all of it):
   * the sketch Sᵀ X, plus any index tensors a data-dependent sketch needs;
   * the weight (a parameter, kept alive by the model anyway) when an input gradient is needed.
 What is *not* saved: X, and S itself. S is regenerated in backward from the seed drawn for
-this call from torch's RNG (`Sketch.draw_seed`), so two calls never share S by accident and
-`torch.manual_seed` reproduces a run bit for bit. The seed is kept on the autograd context,
-not saved: a Python int, or for the balanced sketch an 8-byte tensor on the input's device
-(saved-tensor hooks do not see those 8 bytes; under torch.compile it is saved properly).
+this call from torch's RNG, so two calls never share S by accident and `torch.manual_seed`
+reproduces a run bit for bit. One custom op (ops.py) draws the seed and makes Sᵀ X in the same
+call, and returns both: then no compiler can give the backward a seed of its own (ops.py says
+why that matters). The seed is an 8-byte int64 tensor; in eager mode it sits on the autograd
+context, out of the saved-tensor accounting, so the reported bytes are the sketch's; a traced
+graph needs every tensor its backward reads saved, so there it is saved.
 
 What is exact: the output, ∂L/∂X = Y W and ∂L/∂b = Σ rows of Y (the same as `nn.Linear`).
-Only ∂L/∂W is randomized. Second-order gradients are the estimator's own: the sketch Sᵀ X is
-an output of the autograd node, so ∂(dW)/∂X flows back through S (S·g, `Sketch.transpose`),
-and Sᵀ dY is built from differentiable ops; both are linear in the data given S, so the
-second-order terms are unbiased too (Hessian-vector products, MAML, gradient penalties).
+Only ∂L/∂W is randomized. Second-order gradients (second_order.py): the sketch Sᵀ X is an
+output of the autograd node, so ∂(dW)/∂X flows back through S (S·g, `ops.sketch_transpose`),
+and Sᵀ dY is a differentiable op; both are linear in the data given S, so derivatives of dW
+with respect to inputs and to other layers' weights are unbiased. A derivative of dW with
+respect to the layer's own weight (HVPs in W, MAML) would apply S twice, which is biased: it
+is refused with `SecondOrderError`. torch.compile does not take second derivatives at all.
 
 Caveats:
   * Nothing is sketched or saved when no weight gradient is needed (`torch.no_grad()`,
@@ -45,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from .errors import ConfigError
+from .second_order import SketchUse
 from .sharing import DEFAULT_SHARING, SketchSharing
 from .sketches import DEFAULT_SKETCH, Sketch, check_rho, draw_seed, get_sketch, sketch_rows
 
@@ -55,6 +61,7 @@ __all__ = ["RandomizedLinear", "RandomizedLinearFunction", "SketchPlan", "draw_s
 
 
 _plan_tokens = itertools.count(1)
+_SHARED_SITE = "shared"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class SketchPlan:
     min_rows: int = 1
     share: bool = True
     token: str = field(default_factory=lambda: f"plan-{next(_plan_tokens)}")  # stands for the layer when sharing
+    name: str = ""  # the layer's name in its model (set by `convert`), for error messages
 
     @property
     def rho(self) -> float:
@@ -85,9 +93,10 @@ class SketchPlan:
         return (self.sketch.name, k, dtype, rng_only)
 
 
-def make_plan(rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1, share: bool = True) -> SketchPlan:
+def make_plan(rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1, share: bool = True,
+              name: str = "") -> SketchPlan:
     """Validate the settings (one clear ConfigError per bad value) and build the plan."""
-    return SketchPlan(get_sketch(sketch), repr(check_rho(rho)), _check_min_rows(min_rows), bool(share))
+    return SketchPlan(get_sketch(sketch), repr(check_rho(rho)), _check_min_rows(min_rows), bool(share), name=name)
 
 
 def _check_min_rows(min_rows: int) -> int:
@@ -99,51 +108,57 @@ def _check_min_rows(min_rows: int) -> int:
 class RandomizedLinearFunction(torch.autograd.Function):
     """out = x Wᵀ + b; backward: exact dX and db, dW = (Sᵀ dY)ᵀ (Sᵀ X).
 
-    Inputs: x, weight, bias, the plan, k, the seed, the sharing scope (or None), then either
-    nothing — this call sketches x and returns (out, *sketch) — or the sketch tensors another
-    layer made of the same x, which this call uses and returns out alone.
+    Inputs: x, weight, bias, the plan, k, the sharing scope (or None), the sketch's `SketchUse`
+    (None when compiling), then either nothing — this call draws a seed, sketches x and returns
+    (out, *drawn), drawn = (*saved, seed) — or the `drawn` tensors another layer made of the
+    same x, which this call uses, returning out alone.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan, k, seed, sharing, *shared):
+    def forward(ctx, x, weight, bias, plan, k, sharing, use, *shared):
         ctx.set_materialize_grads(False)
         out = F.linear(x, weight, bias)
+        compiling = torch.compiler.is_compiling()
         ctx.plan, ctx.k, ctx.x_shape, ctx.device_type = plan, k, x.shape, x.device.type
         ctx.shared = len(shared)
-        ctx.second_order = False
-        ctx.sharing = None if torch.compiler.is_compiling() else sharing
-        saved = shared
+        ctx.sharing = None if compiling else sharing
+        ctx.use = use
+        drawn = shared
         if not shared and k > 0:
-            saved = plan.sketch.compress(x.reshape(-1, x.shape[-1]), k, seed)  # (k, d_in), ...
+            # one site for every sharing layer: equal draws of one input merge under compile (sharing.py)
+            site = _SHARED_SITE if plan.share else plan.token
+            drawn = tuple(ops.sketch_draw(x.reshape(-1, x.shape[-1]), plan.sketch, k, site))
+        saved, seed = (drawn[:-1], drawn[-1]) if drawn else ((), None)
         keep_weight = weight if ctx.needs_input_grad[0] else None
-        # NOTE: the seed stays on ctx in eager mode (8 bytes at most, left out of the saved-
-        # tensor accounting so the reported bytes are the sketch's); a traced graph needs
-        # every tensor it reads in backward saved, so there a seed tensor is saved.
-        ctx.seed_saved = isinstance(seed, Tensor) and torch.compiler.is_compiling()
+        # NOTE: the seed stays on ctx in eager mode (8 bytes, left out of the saved-tensor
+        # accounting so the reported bytes are the sketch's); a traced graph needs every
+        # tensor it reads in backward saved, so there it is saved.
+        ctx.seed_saved = compiling and seed is not None
         ctx.seed = None if ctx.seed_saved else seed
-        ctx.save_for_backward(keep_weight, *((seed,) if ctx.seed_saved else ()), *saved)
+        ctx.save_for_backward(keep_weight, *saved, *((seed,) if ctx.seed_saved else ()))
         if shared:
             return out
-        # Sᵀx is an output so that second-order gradients reach x through it; indices and
-        # scales of row-sampling sketches are not differentiable. A compiled graph cannot take
-        # a second derivative anyway, and would pass zeros through S for nothing.
-        ctx.second_order = ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
-        ctx.mark_non_differentiable(*(saved[1:] if ctx.second_order else saved))
-        return (out, *saved)
+        # Sᵀx is an output so that second-order gradients reach x through it; the seed and the
+        # indices and scales of row-sampling sketches are not differentiable. A compiled graph
+        # cannot take a second derivative anyway, and would pass zeros through S for nothing.
+        ctx.second_order = ctx.needs_input_grad[0] and not compiling and bool(saved)
+        ctx.mark_non_differentiable(*(drawn[1:] if ctx.second_order else drawn))
+        return (out, *drawn)
 
     @staticmethod
-    def backward(ctx, grad_out, *grad_saved):
+    def backward(ctx, grad_out, *grad_drawn):
         weight, *saved = ctx.saved_tensors
-        seed = saved.pop(0) if ctx.seed_saved else ctx.seed
+        seed = saved.pop() if ctx.seed_saved else ctx.seed
         if ctx.sharing is not None:
             ctx.sharing.end_backward()
         grad_x = grad_w = grad_b = None
         with torch.autocast(ctx.device_type, enabled=False):
             if grad_out is not None:
                 grad_x, grad_w, grad_b = _first_order(ctx, grad_out, weight, seed, saved)
-            if ctx.second_order and grad_saved and grad_saved[0] is not None:
+            if getattr(ctx, "second_order", False) and grad_drawn and grad_drawn[0] is not None:
                 # second order only: d⟨g, Sᵀx⟩/dx = S g
-                through_sketch = ctx.plan.sketch.transpose(grad_saved[0], _rows(ctx.x_shape), seed, tuple(saved))
+                through_sketch = ops.sketch_transpose(grad_drawn[0], ctx.plan.sketch, _rows(ctx.x_shape), seed,
+                                                      saved)
                 through_sketch = through_sketch.reshape(ctx.x_shape)
                 grad_x = through_sketch if grad_x is None else grad_x + through_sketch
         return (grad_x, grad_w, grad_b, None, None, None, None) + (None,) * ctx.shared
@@ -162,11 +177,15 @@ def _first_order(ctx, grad_out: Tensor, weight: Tensor | None, seed, saved: list
         grad_x = grad_out.matmul(weight)
     y2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
     if ctx.needs_input_grad[1]:
+        if ctx.use is not None:  # eager: refuse a biased second-order gradient (second_order.py)
+            ctx.use.check(ctx.next_functions[1][0], repr(ctx.plan.name) if ctx.plan.name else "a RandomizedLinear")
         if ctx.k == 0:  # no rows at all (N = 0): the exact gradient is zero
             grad_w = grad_out.new_zeros(grad_out.shape[-1], ctx.x_shape[-1])
         else:
-            sketched_y = ctx.plan.sketch.compress_grad(y2, ctx.k, seed, tuple(saved))
+            sketched_y = ops.sketch_apply(y2, ctx.plan.sketch, ctx.k, seed, saved)
             grad_w = sketched_y.T.mm(saved[0])  # (d_out, k) @ (k, d_in)
+            if ctx.use is not None and torch.is_grad_enabled():  # create_graph: dW may be differentiated
+                ctx.use.watch(grad_w)
     if ctx.needs_input_grad[2]:
         grad_b = y2.sum(0)
     return grad_x, grad_w, grad_b
@@ -176,15 +195,17 @@ def _sketched_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Sketc
                      sharing: SketchSharing | None, anchor: Tensor) -> Tensor:
     """One grad-enabled call: reuse the sketch another layer made of `anchor`, or make one."""
     k = plan.rows(x.numel() // x.shape[-1]) if x.shape[-1] else 0
+    if sharing is not None and not sharing.active():  # compiling: the compiler merges equal draws
+        return RandomizedLinearFunction.apply(x, weight, bias, plan, k, None, None)[0]
     key = plan.key(k, x.dtype)
     found = sharing.take(anchor, key, plan.token) if sharing is not None and k > 0 else None
     if found is not None:
-        seed, saved = found
-        return RandomizedLinearFunction.apply(x, weight, bias, plan, k, seed, sharing, *saved)
-    seed = plan.sketch.draw_seed(x.device) if k > 0 else None
-    out, *saved = RandomizedLinearFunction.apply(x, weight, bias, plan, k, seed, sharing)
+        use, drawn = found
+        return RandomizedLinearFunction.apply(x, weight, bias, plan, k, sharing, use, *drawn)
+    use = None if torch.compiler.is_compiling() else SketchUse()
+    out, *drawn = RandomizedLinearFunction.apply(x, weight, bias, plan, k, sharing, use)
     if sharing is not None and k > 0:
-        sharing.offer(anchor, key, plan.token, seed, tuple(saved))
+        sharing.offer(anchor, key, plan.token, use, tuple(drawn))
     return out
 
 
@@ -202,11 +223,12 @@ def _draw_as_a_sketch_would(x: Tensor, plan: SketchPlan, sharing: SketchSharing 
     if k == 0:
         return
     key = plan.key(k, x.dtype, rng_only=True)
+    sharing = sharing if sharing is not None and sharing.active() else None
     if sharing is not None and sharing.take(x, key, plan.token) is not None:
         return
-    seed = plan.sketch.draw_seed(x.device)
+    plan.sketch.draw_seed(x.device)  # what ops.sketch_draw draws, dropped
     if sharing is not None:
-        sharing.offer(x, key, plan.token, seed, ())
+        sharing.offer(x, key, plan.token, None, ())
 
 
 def randomized_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SketchPlan,
@@ -263,9 +285,10 @@ class RandomizedLinear(nn.Linear):
         self.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch)
 
     def configure(self, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1,
-                  share_sketch: bool = True) -> "RandomizedLinear":
-        """Validate the settings once and build the plan every forward reuses."""
-        self.plan = make_plan(rho, sketch, min_rows, share_sketch)
+                  share_sketch: bool = True, name: str = "") -> "RandomizedLinear":
+        """Validate the settings once and build the plan every forward reuses (`name`: the
+        layer's name in its model, for error messages)."""
+        self.plan = make_plan(rho, sketch, min_rows, share_sketch, name)
         return self
 
     rho = property(lambda self: self.plan.rho)
@@ -275,7 +298,7 @@ class RandomizedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH,
-                    min_rows: int = 1, share_sketch: bool = True) -> "RandomizedLinear":
+                    min_rows: int = 1, share_sketch: bool = True, name: str = "") -> "RandomizedLinear":
         """A RandomizedLinear holding the *same* Parameter objects as `linear` (no copies)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -284,7 +307,7 @@ class RandomizedLinear(nn.Linear):
         layer.register_parameter("bias", linear.bias)
         layer.train(linear.training)
         layer.sharing = DEFAULT_SHARING
-        return layer.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch)
+        return layer.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch, name=name)
 
     def forward(self, x: Tensor) -> Tensor:
         return randomized_forward(x, self.weight, self.bias, self.plan, self.sharing, self.training)

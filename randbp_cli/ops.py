@@ -1,14 +1,32 @@
-"""The balanced sketch as `torch.library` custom ops: autograd, torch.compile and the profiler
-see one op (`randbp::balanced_sketch`), whatever runs inside it.
+"""The sketches as `torch.library` custom ops: what autograd, torch.compile and CUDA graphs see.
 
-  balanced_sketch(a, k, seed)      Sᵀa, k × d: the fused Triton kernel on CUDA (or under
-                                   TRITON_INTERPRET=1 on CPU), the torch reference elsewhere
-  balanced_unsketch(g, n, seed)    S g, n × d: its transpose (only second-order gradients use it)
+  sketch_draw(x, sketch, k, site)             [*saved, seed]: draw a fresh seed from torch's
+                                              RNG and compress x with it (saved[0] = Sᵀx)
+  sketch_apply(y, sketch, k, seed, saved)     Sᵀy with the same S (the backward's Sᵀ dY)
+  sketch_transpose(g, sketch, n, seed, saved) S g, the transpose (second-order gradients only)
 
-Each is the other's derivative, so gradients of any order flow through them. `seed` is a
-one-element int64 tensor (drawn on the input's device by the caller): a tensor rather than
-an int so that CUDA graphs and torch.compile replay with a fresh value instead of baking one
-in. The reference reads it with `.item()` (free on CPU; a sync on a GPU without Triton).
+`sketch_apply` and `sketch_transpose` are each other's derivative, so gradients of any order
+flow through them. `sketch` names a sketch of sketches.py; `site` names the calling layer.
+
+Why the seed is drawn *inside* the op and returned with the sketch (docs/method.md §7): the
+backward must apply the very S the forward applied. A seed drawn by a separate RNG op is
+cheap to recompute, and torch.compile's partitioner does recompute cheap forward values in the
+backward graph rather than save them: the backward would then draw a second, independent S,
+and E[(S₂ᵀdY)ᵀ(S₁ᵀX)] = 0. Here one op call yields both Sᵀx and its seed, so whichever graph
+runs that call (the forward, or the backward if the partitioner moves it there), every use of
+S downstream reads the same call's seed; a custom op is never recomputed on its own (it is not
+in the partitioner's recompute allowlist); inside a compiled activation-checkpointing region,
+where it is recomputed, the `nondeterministic_seeded` tag makes the compiler replay it under
+the forward's RNG state. The tag also keeps Inductor from reordering the draws, and `site`
+keeps common-subexpression elimination from merging two layers' draws on the same input.
+
+Two families, the same functions, different promises:
+  randbp::sketch_*       graph-safe sketches (balanced): the seed is drawn on the input's
+                         device and S is derived from it inside the kernel, so a CUDA graph
+                         replays with a fresh seed every time;
+  randbp::host_sketch_*  the other sketches: S comes from a `torch.Generator` seeded with a host
+                         integer (the seed is a CPU tensor, read for free). Tagged
+                         `cudagraph_unsafe`, so Inductor never captures them in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -16,46 +34,86 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import balanced, balanced_triton
+from .sketches import Sketch, get_sketch
+
+_RANDOM = torch.Tag.nondeterministic_seeded
 
 
-@torch.library.custom_op("randbp::balanced_sketch", mutates_args=())
-def balanced_sketch(a: Tensor, k: int, seed: Tensor) -> Tensor:
-    if balanced_triton.runs_on(a):
-        return balanced_triton.sketch(a, k, seed)
-    return balanced.sketch_reference(a, k, int(seed))
+def _draw(x: Tensor, sketch: str, k: int, site: str) -> list[Tensor]:
+    s = get_sketch(sketch)
+    seed = s.draw_seed(x.device)
+    return [*s.compress(x, k, seed), seed]
 
 
-@balanced_sketch.register_fake
-def _(a: Tensor, k: int, seed: Tensor) -> Tensor:
-    return a.new_empty((k, a.shape[1]))
+def _draw_fake(x: Tensor, sketch: str, k: int, site: str) -> list[Tensor]:
+    s = get_sketch(sketch)
+    return [*s.empty_saved(x, k), s.empty_seed(x.device)]
 
 
-@torch.library.custom_op("randbp::balanced_unsketch", mutates_args=())
-def balanced_unsketch(g: Tensor, n_rows: int, seed: Tensor) -> Tensor:
-    return balanced.unsketch_reference(g, n_rows, int(seed))
+def _apply(y: Tensor, sketch: str, k: int, seed: Tensor, saved: list[Tensor]) -> Tensor:
+    return get_sketch(sketch).compress_grad(y, k, seed, tuple(saved))
 
 
-@balanced_unsketch.register_fake
-def _(g: Tensor, n_rows: int, seed: Tensor) -> Tensor:
+def _apply_fake(y: Tensor, sketch: str, k: int, seed: Tensor, saved: list[Tensor]) -> Tensor:
+    return y.new_empty((k, y.shape[1]))
+
+
+def _transpose(g: Tensor, sketch: str, n_rows: int, seed: Tensor, saved: list[Tensor]) -> Tensor:
+    return get_sketch(sketch).transpose(g, n_rows, seed, tuple(saved))
+
+
+def _transpose_fake(g: Tensor, sketch: str, n_rows: int, seed: Tensor, saved: list[Tensor]) -> Tensor:
     return g.new_empty((n_rows, g.shape[1]))
 
 
-def _save_seed(ctx, inputs, output) -> None:
-    tensor, size, seed = inputs
-    ctx.size = tensor.shape[0]
-    ctx.save_for_backward(seed)
+class _Family:
+    """The three ops under one name prefix."""
+
+    def __init__(self, prefix: str, tags: tuple[torch.Tag, ...]) -> None:
+        self.draw = torch.library.custom_op(f"randbp::{prefix}_draw", _draw, mutates_args=(),
+                                            tags=(*tags, _RANDOM))
+        self.draw.register_fake(_draw_fake)
+        self.apply = torch.library.custom_op(f"randbp::{prefix}_apply", _apply, mutates_args=(), tags=tags)
+        self.apply.register_fake(_apply_fake)
+        self.transpose = torch.library.custom_op(f"randbp::{prefix}_transpose", _transpose, mutates_args=(),
+                                                 tags=tags)
+        self.transpose.register_fake(_transpose_fake)
+        self.apply.register_autograd(self._apply_backward, setup_context=self._save_for_transpose)
+        self.transpose.register_autograd(self._transpose_backward, setup_context=self._save_for_transpose)
+
+    @staticmethod
+    def _save_for_transpose(ctx, inputs, output) -> None:
+        tensor, sketch, size, seed, saved = inputs
+        ctx.sketch, ctx.size, ctx.n_saved = sketch, tensor.shape[0], len(saved)
+        ctx.save_for_backward(seed, *saved)
+
+    def _apply_backward(self, ctx, grad):
+        seed, *saved = ctx.saved_tensors
+        return self.transpose(grad, ctx.sketch, ctx.size, seed, saved), None, None, None, [None] * ctx.n_saved
+
+    def _transpose_backward(self, ctx, grad):
+        seed, *saved = ctx.saved_tensors
+        return self.apply(grad, ctx.sketch, ctx.size, seed, saved), None, None, None, [None] * ctx.n_saved
 
 
-def _sketch_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    return balanced_unsketch(grad, ctx.size, seed), None, None
+GRAPH_SAFE = _Family("sketch", ())
+HOST_SEEDED = _Family("host_sketch", (torch.Tag.cudagraph_unsafe,))
 
 
-def _unsketch_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    return balanced_sketch(grad, ctx.size, seed), None, None
+def family(sketch: Sketch) -> _Family:
+    return GRAPH_SAFE if sketch.graph_safe else HOST_SEEDED
 
 
-balanced_sketch.register_autograd(_sketch_backward, setup_context=_save_seed)
-balanced_unsketch.register_autograd(_unsketch_backward, setup_context=_save_seed)
+def sketch_draw(x: Tensor, sketch: Sketch, k: int, site: str = "") -> list[Tensor]:
+    """[*saved, seed]: Sᵀx (and a data-dependent sketch's indices) with a freshly drawn seed."""
+    return family(sketch).draw(x, sketch.name, k, site)
+
+
+def sketch_apply(y: Tensor, sketch: Sketch, k: int, seed: Tensor, saved) -> Tensor:
+    """Sᵀy for the S that `seed` (and `saved`) stand for."""
+    return family(sketch).apply(y, sketch.name, k, seed, list(saved))
+
+
+def sketch_transpose(g: Tensor, sketch: Sketch, n_rows: int, seed: Tensor, saved) -> Tensor:
+    """S g: the derivative of Sᵀx in direction g."""
+    return family(sketch).transpose(g, sketch.name, n_rows, seed, list(saved))

@@ -35,6 +35,7 @@ from . import attention
 from .dropout import SeedDropout
 from .errors import ConfigError
 from .gelu import BITS, FewBitGELU
+from .swap import share_hooks
 
 _BITS_TEXT = ", ".join(map(str, BITS))
 SAVER_HELP = f"dropout, gelu:B (B = {_BITS_TEXT} bits, e.g. gelu:2)"
@@ -161,10 +162,7 @@ class _Plan:
 
 def _replacement(original: nn.Module, new: nn.Module) -> nn.Module:
     object.__setattr__(new, _ORIGINAL_ATTR, original)  # a plain attribute, not a submodule
-    for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                  "_backward_pre_hooks", "_backward_hooks"):
-        setattr(new, hooks, getattr(original, hooks))  # shared: old handles still remove hooks
+    share_hooks(original, new)  # old handles still remove hooks; full backward hooks stay full
     new.train(original.training)
     return new
 
@@ -231,6 +229,7 @@ def restore_savers(model: nn.Module) -> nn.Module:
         original = getattr(m, _ORIGINAL_ATTR, None)
         if original is not None:
             original.train(m.training)
+            share_hooks(m, original)  # the same dicts; a full backward hook added meanwhile stays full
             model = _set_module(model, name, original)
     for m in model.modules():
         previous = m.__dict__.pop(_ATTN_ATTR, None)

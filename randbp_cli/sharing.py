@@ -20,10 +20,13 @@ get the leader's very objects even when a saved-tensor hook stores copies) until
 ends, another input is sketched, or the input dies — so nothing outlives the layers that use
 it, under activation checkpointing too.
 
-Under torch.compile the checks that cannot be traced (weak references, pointers, version
-counters, pass counters) are skipped: inside one compiled graph a tensor cannot be refilled
-behind the compiler's back, and the entry is cleared at the end of every pass, so each trace
-starts from the same state and nothing recompiles.
+Under torch.compile a scope is never touched (`active()` is False): a traced graph shares by
+itself. Every sharing layer draws with the same `site` (ops.py), so the draws of layers that
+read one tensor are the same call on the same graph node, and the compiler's common-
+subexpression elimination merges them into one draw, one saved sketch — exactly as the eager
+rules above would (an in-place write makes another node). Touching a Python object from a
+compiled graph would also be a side effect that activation checkpointing inside the compiled
+region refuses (a graph break at every checkpointed block), and a guard that recompiles.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ from torch import Tensor
 @dataclass(eq=False)
 class _Entry:
     key: tuple  # (sketch name, k, dtype, rng_only)
-    anchor: object  # weakref.ref to the input (eager) or the input itself (compiling)
+    anchor: weakref.ref  # to the input
     version: int
     data_ptr: int
     pass_id: int
-    seed: object
-    saved: tuple[Tensor, ...]
+    use: object  # the sketch's second_order.SketchUse
+    drawn: tuple[Tensor, ...]  # (*saved, seed) as the leader's op returned them
     users: set
 
 
@@ -54,40 +57,40 @@ class SketchSharing:
         self._entry: _Entry | None = None
         self._pass = 0
 
+    @staticmethod
+    def active() -> bool:
+        """Whether sharing goes through a scope (eager) or through the compiler (see above)."""
+        return not torch.compiler.is_compiling()
+
     # -- pass boundaries (hooks on the converted model's root; backward for the default scope)
     def begin_pass(self, *_hook_args) -> None:
-        self._entry = None
-        if not torch.compiler.is_compiling():  # a traced counter would be a guard: recompiles
+        if self.active():
+            self._entry = None
             self._pass += 1
 
     def end_pass(self, *_hook_args) -> None:
-        self._entry = None
+        if self.active():
+            self._entry = None
 
     def end_backward(self) -> None:
         self._pass += 1
 
     # -- lookup and publication
     def take(self, x: Tensor, key: tuple, user: str) -> tuple[object, tuple[Tensor, ...]] | None:
-        """(seed, saved) of the sketch another layer made of `x` in this pass, or None."""
+        """(use, drawn) of the sketch another layer made of `x` in this pass, or None."""
         entry = self._entry
         if entry is None or entry.key != key or user in entry.users:
             return None
-        if torch.compiler.is_compiling():
-            if entry.anchor is not x:
-                return None
-        elif (entry.anchor() is not x or entry.pass_id != self._pass or entry.version != x._version
-              or entry.data_ptr != x.data_ptr()):
+        if (entry.anchor() is not x or entry.pass_id != self._pass or entry.version != x._version
+                or entry.data_ptr != x.data_ptr()):
             return None
         entry.users.add(user)
-        return entry.seed, entry.saved
+        return entry.use, entry.drawn
 
-    def offer(self, x: Tensor, key: tuple, user: str, seed: object, saved: tuple[Tensor, ...]) -> None:
+    def offer(self, x: Tensor, key: tuple, user: str, use: object, drawn: tuple[Tensor, ...]) -> None:
         """Publish the sketch `user` just made of `x` (replacing whatever was there)."""
-        if torch.compiler.is_compiling():
-            self._entry = _Entry(key, x, 0, 0, 0, seed, saved, {user})
-            return
         anchor = weakref.ref(x, self._forget)  # the input's death drops the entry (and its sketch)
-        self._entry = _Entry(key, anchor, x._version, x.data_ptr(), self._pass, seed, saved, {user})
+        self._entry = _Entry(key, anchor, x._version, x.data_ptr(), self._pass, use, drawn, {user})
 
     def __getstate__(self) -> dict:  # copies and pickles of a model start with no entry
         return {"_entry": None, "_pass": self._pass}

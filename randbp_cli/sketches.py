@@ -8,14 +8,15 @@ Then `(Sᵀy)ᵀ(Sᵀx) = yᵀ S Sᵀ x` is an unbiased estimate of the weight g
 `transpose(g, n_rows, seed, saved)` applies S itself (S g, N × d): the derivative of Sᵀx,
 which second-order gradients need.
 
-Seeds: `draw_seed(device)` draws one per sketched input from torch's RNG, so
-`torch.manual_seed` reproduces a run. The balanced sketch (the default) derives S from a
-counter-based hash of the seed (`balanced.py`): its seed is an int64 tensor drawn on the
-input's device — CUDA graphs and torch.compile then replay with a fresh seed — and all 64
-bits of it matter. The other sketches build S in the input's dtype and on its device from a
-`torch.Generator` seeded with a Python int drawn from the CPU generator; a CPU generator
-uses only the low 32 bits of its seed (a CUDA one all 64), so on a CPU two calls share S
-with probability 2⁻³² rather than 2⁻⁶².
+Seeds: `draw_seed(device)` draws one per sketched input from torch's RNG, as an int64 tensor,
+so `torch.manual_seed` reproduces a run; ops.py draws it inside the same custom op that
+compresses (so a compiled graph can never draw a second one for the backward). The balanced
+sketch (the default) derives S from a counter-based hash of the seed (`balanced.py`): its seed
+is drawn on the input's device — CUDA graphs then replay with a fresh seed — and all 64 bits of
+it matter (`graph_safe`). The other sketches build S in the input's dtype and on its device from
+a `torch.Generator` seeded with the seed's value, drawn on the CPU (reading it costs no device
+synchronisation); a CPU generator uses only the low 32 bits of its seed (a CUDA one all 64), so
+on a CPU two calls share S with probability 2⁻³² rather than 2⁻⁶².
 
 `variance(x, y, k)` is the closed form of E‖Ĝ − G‖²_F for G = xᵀy (docs/method.md §2): what
 `randbp variance` compares against the Monte-Carlo measurement.
@@ -30,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from . import ops
+from . import balanced, balanced_triton
 from .errors import ConfigError
 
 # NOTE: a dense sketch of N = 16k tokens at k = 8k would be a 512 MiB matrix; we generate it
@@ -57,13 +58,13 @@ DEFAULT_SKETCH = "balanced"
 
 
 def draw_seed() -> int:
-    """A fresh 62-bit seed from torch's global (CPU) RNG; no device synchronisation."""
+    """A fresh 62-bit seed from torch's global (CPU) RNG, as a host int; no device synchronisation."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
+def _generator(device: torch.device, seed: int | Tensor) -> torch.Generator:
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(int(seed))  # a CPU tensor's value: read without a device synchronisation
     return gen
 
 
@@ -80,11 +81,16 @@ def _frobenius_terms(x: Tensor, y: Tensor) -> tuple[float, float, float]:
 
 
 class Sketch(ABC):
-    """Base class. Subclasses set `name`, `cost` and implement the three methods."""
+    """Base class. Subclasses set `name`, `cost` and implement the four methods.
+
+    `seed` is an int64 tensor from `draw_seed` (a plain int works too, for tests and
+    `sketch_matrix`). The layers never call these methods directly but through ops.py.
+    """
 
     name: ClassVar[str] = ""
     cost: ClassVar[str] = ""  # shown in docs and `--help`
     description: ClassVar[str] = ""
+    graph_safe: ClassVar[bool] = False  # S from a device-side seed: CUDA graphs may replay it
 
     @abstractmethod
     def compress(self, x: Tensor, k: int, seed: int) -> tuple[Tensor, ...]:
@@ -102,9 +108,18 @@ class Sketch(ABC):
     def variance(self, x: Tensor, y: Tensor, k: int) -> float:
         """Closed-form E‖yᵀSSᵀx − yᵀx‖²_F."""
 
-    def draw_seed(self, device: torch.device):
-        """A fresh seed for one sketched input (a host int from torch's CPU RNG by default)."""
-        return draw_seed()
+    def draw_seed(self, device: torch.device) -> Tensor:
+        """A fresh 62-bit seed for one sketched input, from torch's RNG: on the CPU (a generator
+        is seeded with its value), or on `device` for a graph-safe sketch."""
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device if self.graph_safe else "cpu")
+
+    def empty_seed(self, device: torch.device) -> Tensor:
+        """An uninitialised seed tensor where `draw_seed` puts one (for the ops' fake kernels)."""
+        return torch.empty((), dtype=torch.int64, device=device if self.graph_safe else "cpu")
+
+    def empty_saved(self, x: Tensor, k: int) -> tuple[Tensor, ...]:
+        """Uninitialised tensors shaped like what `compress` returns (for the ops' fake kernels)."""
+        return (x.new_empty((k, x.shape[1])),)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -229,23 +244,25 @@ class BalancedSketch(Sketch):
     cost = "O(N·d)"
     description = "countsketch with balanced buckets (⌊N/k⌋ or ⌈N/k⌉ rows each); one fused kernel on CUDA"
 
-    def draw_seed(self, device):
-        # on the input's device: a CUDA graph or a compiled graph replays this op, so every
-        # replay sketches with a fresh seed (a host int would be baked in: the same S forever)
-        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    # the seed lives on the input's device: a CUDA graph replays its draw, so every replay
+    # sketches with a fresh seed (a host int would be baked in: the same S forever)
+    graph_safe = True
 
     @staticmethod
-    def _seed(seed, device) -> Tensor:
-        return seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device=device)
+    def _sketch(a: Tensor, k: int, seed) -> Tensor:
+        if balanced_triton.runs_on(a):  # the fused kernel reads the seed from device memory
+            seed = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64, device=a.device)
+            return balanced_triton.sketch(a, k, seed)
+        return balanced.sketch_reference(a, k, int(seed))  # free on a CPU; a sync on a GPU without Triton
 
     def compress(self, x, k, seed):
-        return (ops.balanced_sketch(x, k, self._seed(seed, x.device)),)
+        return (self._sketch(x, k, seed),)
 
     def compress_grad(self, y, k, seed, saved):
-        return ops.balanced_sketch(y, k, self._seed(seed, y.device))
+        return self._sketch(y, k, seed)
 
     def transpose(self, g, n_rows, seed, saved):
-        return ops.balanced_unsketch(g, n_rows, self._seed(seed, g.device))
+        return balanced.unsketch_reference(g, n_rows, int(seed))
 
     @staticmethod
     def collision_probability(n_rows: int, k: int) -> float:
@@ -340,6 +357,9 @@ def _row_norm_probabilities(x: Tensor) -> Tensor:
 
 class _RowSampling(Sketch):
     """Sketches that keep real token rows: saved = (scaled rows of X, their indices, their scales)."""
+
+    def empty_saved(self, x, k):
+        return (x.new_empty((k, x.shape[1])), x.new_empty((k,), dtype=torch.int64), x.new_empty((k,)))
 
     def compress_grad(self, y, k, seed, saved):
         _, index, scale = saved
@@ -453,12 +473,15 @@ def sketch_names() -> list[str]:
     return list(SKETCHES)
 
 
+_INSTANCES = {name: cls() for name, cls in SKETCHES.items()}  # sketches hold no state: one each
+
+
 def get_sketch(sketch: str | Sketch) -> Sketch:
     """A sketch by name (or pass an instance through)."""
     if isinstance(sketch, Sketch):
         return sketch
     try:
-        return SKETCHES[str(sketch).lower()]()
+        return _INSTANCES[str(sketch).lower()]
     except KeyError:
         raise ConfigError(
             f"unknown sketch {sketch!r}: choose one of {', '.join(SKETCHES)}"

@@ -23,16 +23,18 @@ def _finetune(args):
     return runner.invoke(app, ["finetune", *args])
 
 
-def test_synthetic_task_learns_well_above_chance(tmp_path):
+def test_randomized_training_learns_the_synthetic_task_well_above_chance(tmp_path):
+    """Balanced ρ = 0.5 (the default sketch) learns: a wrong weight gradient would not (a
+    zero-mean one stays at chance, 0.5). tests/test_modes.py has the compiled run."""
     out = tmp_path / "report.json"
-    result = _finetune(["--task", "synthetic", "--epochs", "2", "-o", str(out), "--json"])
+    result = _finetune(["--task", "synthetic", "--rho", "0.5", "--epochs", "2", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report == json.loads(out.read_text())
     assert report["schema"] == "randbp.finetune/1" and report["status"] == "completed"
     assert report["model"]["name"] == "roberta-tiny" and report["model"]["weights"] == "random-init"
     (run,) = report["runs"]
-    assert run["method"] == "exact" and run["converted_layers"]["count"] == 0
+    assert run["method"] == "randomized" and run["sketch"] == "balanced" and run["converted_layers"]["count"] == 14
     assert [e["epoch"] for e in run["epochs"]] == [1, 2]
     assert run["best"]["value"] > 0.75  # chance is 0.5 (balanced, clean evaluation labels)
     assert run["memory"]["activation_bytes"] > 0 and run["time"]["tokens_per_s"] > 0

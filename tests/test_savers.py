@@ -48,11 +48,19 @@ def test_seed_dropout_gradient_is_that_of_the_forward_mask(dtype):
     assert 0 < int(mask.sum()) < mask.numel()
 
 
-def test_seed_dropout_non_contiguous_input_and_gradcheck():
+def _seeded_dropout(t, p=0.4):
+    torch.manual_seed(1234)  # the op draws its seed from torch's RNG: the same seed every call
+    return SeedDropoutFunction.apply(t, p, "test")
+
+
+def test_seed_dropout_non_contiguous_input_gradcheck_and_gradgradcheck():
+    """Dropout is linear: its backward is its own derivative, so second order is exact."""
     x = torch.randn(7, 5, dtype=torch.float64).t().requires_grad_(True)  # (5, 7), transposed
-    torch.autograd.gradcheck(lambda t: SeedDropoutFunction.apply(t, 0.4, 1234), (x,))
-    out = SeedDropoutFunction.apply(x, 0.4, 1234)
-    assert torch.equal(out, x * keep_noise(x, 0.4, 1234))
+    torch.autograd.gradcheck(_seeded_dropout, (x,))
+    torch.autograd.gradgradcheck(_seeded_dropout, (x,))
+    torch.manual_seed(1234)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    assert torch.equal(_seeded_dropout(x), x * keep_noise(x, 0.4, seed))
 
 
 def test_seed_dropout_keeps_nothing_but_a_host_seed():
@@ -125,12 +133,36 @@ def test_seed_dropout_p_one_and_bad_p():
         seed_dropout(torch.ones(5), 1.5)
 
 
-def test_seed_dropout_falls_back_to_native_while_compiling(monkeypatch):
-    """A host seed inside a compiled graph or a CUDA-graph capture would be a constant."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+def test_seed_dropout_falls_back_to_native_under_eager_cuda_graph_capture(monkeypatch):
+    """A seed drawn once at capture would be replayed forever: torch's own dropout there."""
+    monkeypatch.setattr("randbp_cli.dropout.capturing", lambda x: True)
     x = torch.randn(8, 8, requires_grad=True)
     _, stats = _saved(lambda: seed_dropout(x, 0.5), exclude=[x])
     assert stats.total_bytes == 8 * 8 * 4  # native dropout: the mask is kept
+
+
+def test_compiled_seed_dropout_keeps_its_seed_not_a_mask_and_a_fresh_mask_each_call():
+    """Under torch.compile the op draws inside the graph: 8 bytes saved instead of torch.compile's
+    bool mask, the backward uses the forward's mask, and every call draws a new one."""
+    x = torch.randn(64, 32, requires_grad=True)
+    drop = SeedDropout(0.5)
+    compiled = torch.compile(lambda t: drop(t) * 3, backend="aot_eager", fullgraph=True)
+    native = torch.compile(lambda t: F.dropout(t, 0.5, True) * 3, backend="aot_eager", fullgraph=True)
+    for fn in (compiled, native):
+        fn(x).sum().backward()  # compile forward and backward once
+    _, ours = _saved(lambda: compiled(x), exclude=[x])
+    _, theirs = _saved(lambda: native(x), exclude=[x])
+    assert ours.total_bytes == 8 and theirs.total_bytes == 64 * 32  # a seed vs a bool per element
+    masks = []
+    for _ in range(2):
+        x.grad = None
+        out = compiled(x)
+        out.sum().backward()
+        kept = out != 0
+        assert torch.equal(x.grad, kept * 3.0 / 0.5)  # the backward's mask is the forward's
+        masks.append(kept)
+    assert not torch.equal(masks[0], masks[1])
+    torch._dynamo.reset()
 
 
 class _Block(nn.Module):
@@ -261,6 +293,33 @@ def test_seed_attention_gradcheck_and_mask_gradient():
         return SeedAttentionFunction.apply(q, k, v, bias, 0.5, 0.25, 99)[0]
 
     assert torch.autograd.gradcheck(attend, (q, k, v, bias))
+    assert torch.autograd.gradgradcheck(attend, (q, k, v, bias))
+
+
+@pytest.mark.parametrize("mask_name", ["none", "padding"])
+def test_seed_attention_double_backward_is_exact(mask_name):
+    """Second order through the attention saver (a mask that needs no gradient is not kept: the
+    derivative of P in Q and K is rebuilt from P itself) equals the double backward of eager
+    attention under the same mask; the hand-written backward alone would drop dP/dQ, dP/dK."""
+    mask = _masks(torch.float64)[mask_name]
+    q, k, v = _qkv(torch.float64)
+
+    def attend_ours(q, k, v):
+        return SeedAttentionFunction.apply(q, k, v, mask, 0.5, 0.25, 99)[0]
+
+    def attend_reference(q, k, v):
+        scores = torch.matmul(q, k.transpose(2, 3)) * 0.5 + (0 if mask is None else mask)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs * keep_noise(probs, 0.25, 99), v)
+
+    assert torch.autograd.gradgradcheck(attend_ours, (q, k, v))
+
+    def hvp(attend):
+        grads = torch.autograd.grad(attend(q, k, v).square().sum(), (q, k), create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v))
+
+    for ours, reference in zip(hvp(attend_ours), hvp(attend_reference)):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
 
 
 def test_seed_attention_keeps_q_k_v_and_the_probabilities_once():
