@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .convert import converted_names
 from .distributed import SINGLE, Distributed
 from .memory import RecomputeCounter, SavedTensorCounter, SavedTensorStats, checkpoint_units
-from .meters import cuda_step_memory, time_call
+from .meters import compile_events, cuda_step_memory, time_call
 from .methods import Method, prepare_model
 
 Batch = dict[str, Tensor]
@@ -150,8 +150,35 @@ class Engine:
         self.optimizer_step()
         return loss
 
-    def timed_step(self, batch: Batch) -> float:
-        return time_call(lambda: self.step(batch), self.device)
+    def timed_step(self, batch: Batch, retries: int = 3) -> float:
+        """Seconds of one training step. Compiled, a step during which anything compiled (a
+        recompile, a lazily compiled backward) is not a measurement: it is run again."""
+        for _ in range(retries + 1):
+            before = compile_events()
+            seconds = time_call(lambda: self.step(batch), self.device)
+            if self.compile is None or compile_events() == before:
+                return seconds
+        raise RuntimeError(f"torch.compile kept recompiling: {retries + 1} steps in a row compiled something")
+
+    def warm_up(self, batch: Batch, steps: int, max_extra: int = 8) -> int:
+        """`steps` training steps; compiled, more until one compiles nothing (at most
+        `max_extra` more). Returns how many steps ran."""
+        for done in range(1, steps + max_extra + 1):
+            before = compile_events()
+            self.step(batch)
+            if done >= steps and (self.compile is None or compile_events() == before):
+                return done
+        return steps + max_extra
+
+    def compiled_saved_bytes(self, batch: Batch) -> dict:
+        """What the compiled graphs save for backward in one training step: every storage once,
+        parameters, buffers and inputs excluded (no module attribution: a compiled graph runs
+        as one). Leaves the gradients, as `probe` does."""
+        with SavedTensorCounter(exclude=[*self.model.parameters(), *self.model.buffers(), *batch.values()]) as counter:
+            loss = self.forward(batch)
+        stats = counter.stats()
+        self.backward(loss)
+        return {"activation_bytes": stats.total_bytes, "saved_storages": stats.storages}
 
     def cuda_step_memory(self, batch: Batch) -> dict:
         """CUDA allocator phases of one training step (meters.cuda_step_memory)."""

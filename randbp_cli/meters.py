@@ -31,6 +31,14 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def compile_events() -> int:
+    """A count that grows whenever torch.compile compiles anything (a frame, a recompile, an
+    AOT graph, Inductor's code, a backward graph compiled lazily at its first use)."""
+    from torch._dynamo.utils import counters
+
+    return sum(sum(counters[group].values()) for group in ("frames", "aot_autograd", "inductor"))
+
+
 def summarize_times(samples: list[float]) -> dict:
     if not samples:
         return {"median": None, "min": None, "max": None, "samples": []}

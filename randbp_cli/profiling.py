@@ -35,6 +35,9 @@ from .report import ProfileReport, ProfileResult
 
 CHECKPOINT_NOTE = ("each unit's input is kept; one unit at a time is recomputed in backward "
                    "(reentrant torch.utils.checkpoint)")
+COMPILED_NOTE = ("activation_bytes (and by kind, by module) are counted on the eager module tree the compiled "
+                 "graphs were made from; compiled.activation_bytes is what the compiled graphs themselves "
+                 "save, counted the same way (saved-tensor hooks, each storage once), without attribution")
 
 
 def make_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int, device: torch.device,
@@ -92,9 +95,12 @@ class _Profiler:
             gc.collect()
             torch.cuda.empty_cache()  # so NVML sees this case, not the cache of the last one
         with NvmlSampler(device) as sampler:
-            for _ in range(self.plan.warmup_steps):
-                self.engine.step(batch)
+            warmed = self.engine.warm_up(batch, self.plan.warmup_steps)
             counted = self.probe(case, batch)
+            if self.plan.compile is not None:
+                counted["compiled"] = {**self.engine.compiled_saved_bytes(batch), "warmup_steps": warmed,
+                                       "note": COMPILED_NOTE}
+                self.engine.optimizer.zero_grad(set_to_none=True)
             cuda = self.engine.cuda_step_memory(batch) if device.type == "cuda" else None
         return {**counted, "randomized_layers": len(self.engine.converted), "cuda": cuda,
                 "nvml": sampler.result() if device.type == "cuda" else None}

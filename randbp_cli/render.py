@@ -58,12 +58,13 @@ def profile_table(report: ProfileReport) -> Table:
     show_cuda = any(r.cuda for r in results)
     show_nvml = any((r.nvml or {}).get("available") for r in results)
     show_peak = any(r.checkpointing for r in results)
+    show_compiled = any(r.compiled for r in results)
     show_savers = any(r.savers for r in results)
     budget = next((r.budget for r in results if r.budget), None)
     title = f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
     table = Table(title=title, caption=_profile_caption(report), title_justify="left")
     columns = ["method", "ρ", "sketch", *(["savers"] if show_savers else []), "batch", "seq", "activations MiB",
-               "vs exact"]
+               "vs exact", *(["compiled MiB"] if show_compiled else [])]
     columns += ["act. peak MiB"] * show_peak + ["CUDA peak MiB"] * show_cuda + ["NVML peak MiB"] * show_nvml
     columns += ["step ms", "time × exact"]
     budget_bytes = (budget or {}).get("budget_bytes")
@@ -75,6 +76,8 @@ def profile_table(report: ProfileReport) -> Table:
         row = [r.method, "—" if r.rho is None else f"{r.rho:g}", r.sketch or "—",
                *([", ".join(r.savers or []) or "—"] if show_savers else []), str(r.batch_size), str(r.seq_len),
                _mib(r.activation_bytes), "baseline" if baseline else ("—" if saving is None else f"{-100 * saving:+.1f}%")]
+        if show_compiled:  # what the compiled graphs themselves save (activations MiB: the eager tree)
+            row.append(_mib((r.compiled or {}).get("activation_bytes")))
         if show_peak:
             row.append(_mib(r.activation_bytes if r.activation_peak_bytes is None else r.activation_peak_bytes))
         if show_cuda:
@@ -97,7 +100,8 @@ def _profile_caption(report: ProfileReport) -> str:
              f"median of {config.get('steps', '?')} steps after {config.get('warmup', '?')} warm-up"]
     modes = {r.compile for r in report.results if r.compile}
     if modes:
-        parts.append(f"torch.compile mode {', '.join(sorted(modes))}")
+        parts.append(f"torch.compile mode {', '.join(sorted(modes))}: activations counted on the eager module "
+                     "tree, compiled MiB saved by the compiled graphs")
     nvml = env.get("nvml") or {}
     if (config.get("device") or "cpu").startswith("cuda") and not nvml.get("available"):
         parts.append(f"NVML unavailable: {nvml.get('reason', 'unknown')}")

@@ -134,6 +134,7 @@ class ProfileResult(Record):
     activation_bytes_by_module: dict | None = None
     saved_storages: int | None = None
     checkpointing: dict | None = None  # checkpointed cases: units and the largest recompute
+    compiled: dict | None = None  # compiled cases: what the compiled graphs save, and the warm-up it took
     activation_peak_bytes: int | None = None  # stored bytes plus the largest recompute
     randomized_layers: int | None = None
     cuda: dict | None = None  # allocator phases of one step, on CUDA only
@@ -147,12 +148,13 @@ class ProfileResult(Record):
     contributions: dict | None = None  # checkpoint+randomized: what each part saved
 
     OMIT_IF_NONE = frozenset({"checkpointing", "budget", "activation_limit_bytes", "contributions", "savers",
-                              "compile"})
+                              "compile", "compiled"})
     REQUIRED = frozenset({"method", "batch_size", "seq_len"})  # what tells one case from another
     SHAPES = {
         "savers": list[str], "compile": str,
         "activation_bytes_by_kind": dict[str, int], "activation_bytes_by_module": dict[str, int],
         "checkpointing": {"units": int, "recompute_unit_bytes": int},
+        "compiled": {"activation_bytes": int, "saved_storages": int, "warmup_steps": int},
         "cuda": {"peak_allocated_bytes": int, "resting_allocated_bytes": int, "step_peak_bytes": int},
         "nvml": {"available": bool, "peak_used_bytes": int, "reason": str},
         "step_time_s": {"median": float, "min": float, "max": float, "samples": list[float]},

@@ -264,9 +264,21 @@ def test_compile_runs_every_case_compiled_and_says_so(monkeypatch):
         return real(module, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", quick)
+    from randbp_cli import engine, meters
+
+    compiled_while_timed = []
+    real_time_call = engine.time_call
+
+    def time_call(fn, device):  # what each timing sample saw torch.compile do
+        before = meters.compile_events()
+        seconds = real_time_call(fn, device)
+        compiled_while_timed.append(meters.compile_events() != before)
+        return seconds
+
+    monkeypatch.setattr(engine, "time_call", time_call)
     try:
-        result = _invoke(["profile", *TINY, "-b", "2", "--rho", "0.5", "--rho", "0.1", "--steps", "2", "--compile",
-                          "--device", "cpu", "--json"])
+        result = _invoke(["profile", *TINY, "-b", "2", "--rho", "0.5", "--rho", "0.1", "--steps", "2", "--warmup", "0",
+                          "--compile", "--device", "cpu", "--json"])
     finally:
         torch._dynamo.reset()
     assert result.exit_code == 0, result.output
@@ -274,7 +286,15 @@ def test_compile_runs_every_case_compiled_and_says_so(monkeypatch):
     assert modes == ["default"] * 3  # exact and each ρ (two ρ: one function compiled at two values), once each
     assert report["config"]["compile"] is True and all(r["compile"] == "default" for r in report["results"])
     exact, half, tenth = report["results"]
-    assert tenth["activation_bytes"] < half["activation_bytes"] < exact["activation_bytes"]  # counted eagerly
+    assert tenth["activation_bytes"] < half["activation_bytes"] < exact["activation_bytes"]  # the eager tree
+    # the compiled graphs' own bytes, measured on them; warmed up until a step compiled nothing
+    assert tenth["compiled"]["activation_bytes"] < half["compiled"]["activation_bytes"] < exact["compiled"]["activation_bytes"]
+    assert all(r["compiled"]["warmup_steps"] >= 3 and "eager module tree" in r["compiled"]["note"]
+               for r in report["results"])
+    # no sample that is reported was a step during which anything compiled
+    kept = [s for r in report["results"] for s in r["step_time_s"]["samples"]]
+    assert len(kept) == 6 and len(compiled_while_timed) >= 6
+    assert compiled_while_timed.count(False) == 6  # each kept sample is an attempt that compiled nothing
     assert _invoke(["profile", "--compile-mode", "default", "--device", "cpu"]).exit_code == 2
 
 
