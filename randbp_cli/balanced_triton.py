@@ -124,6 +124,32 @@ def _block_sizes(n_cols: int) -> tuple[int, int]:
     return 32 if block_d <= 64 else 16, block_d
 
 
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def compile_ahead(capability: int, dtype: torch.dtype, n_cols: int = 768):
+    """Compile the kernel `sketch` launches for rows of `n_cols` in `dtype`, ahead of time, for a
+    CUDA device of compute capability `capability` (80: A100, 90: H100): no GPU needed, so CI
+    catches a kernel that would not build. Returns Triton's compiled kernel (ptx, cubin). Needs
+    Triton compiling, not interpreting (TRITON_INTERPRET unset when this module was imported)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer = f"*{_TRITON_TYPES[dtype]}"
+    scalars = ("n_rows", "n_cols", "k", "h", "stride_a", "stride_out", "max_group")
+    block_k, block_d = _block_sizes(n_cols)
+    source = ASTSource(
+        fn=_balanced_sketch_kernel,
+        signature={"a_ptr": pointer, "out_ptr": pointer, "seed_ptr": "*i64", **dict.fromkeys(scalars, "i32"),
+                   **dict.fromkeys(("ROUNDS_", "BLOCK_K", "BLOCK_D", "ACC"), "constexpr")},
+        constexprs={"ROUNDS_": ROUNDS, "BLOCK_K": block_k, "BLOCK_D": block_d, "ACC": _accumulator(dtype)})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+
+
+def _accumulator(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def sketch(a: Tensor, k: int, seed: Tensor) -> Tensor:
     """Sᵀa (k × d) for a (N × d) in one kernel; `seed` is a one-element int64 tensor on a's device."""
     if triton is None:
@@ -135,8 +161,8 @@ def sketch(a: Tensor, k: int, seed: Tensor) -> Tensor:
     out = torch.empty(k, n_cols, dtype=a.dtype, device=a.device)
     block_k, block_d = _block_sizes(n_cols)
     grid = (triton.cdiv(k, block_k), triton.cdiv(n_cols, block_d))
-    acc = tl.float64 if a.dtype == torch.float64 else tl.float32
     _balanced_sketch_kernel[grid](a, out, seed, n_rows, n_cols, k, half_bits(n_rows), a.stride(0), out.stride(0),
-                                  -(-n_rows // k), ROUNDS_=ROUNDS, BLOCK_K=block_k, BLOCK_D=block_d, ACC=acc)
+                                  -(-n_rows // k), ROUNDS_=ROUNDS, BLOCK_K=block_k, BLOCK_D=block_d,
+                                  ACC=_accumulator(a.dtype))
     return out
 

@@ -193,6 +193,31 @@ def test_layer_gradients_through_the_kernel_equal_the_reference_path():
     assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_the_kernel_compiles_ahead_of_time_for_a100_and_h100_in_every_half_and_full_precision():
+    """No GPU here, yet a kernel that would not build on one must fail CI: Triton compiles it for
+    sm_80 and sm_90 (to PTX and a cubin, with the ptxas it ships), for both block shapes `sketch`
+    launches (d = 768 and d = 64), in a process where Triton compiles rather than interprets."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = """
+import torch
+from randbp_cli import balanced_triton
+for capability in (80, 90):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n_cols in (768, 64):
+            kernel = balanced_triton.compile_ahead(capability, dtype, n_cols)
+            assert kernel.asm["cubin"] and ".target sm_%d" % capability in kernel.asm["ptx"]
+print("compiled")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default today; set, so Triton says nothing about it
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 class _CountOps(TorchDispatchMode):
     VIEWS = {"view", "t", "_unsafe_view", "permute", "detach", "reshape", "expand", "transpose", "slice", "select"}
 
