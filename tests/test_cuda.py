@@ -181,17 +181,45 @@ def test_every_cuda_graph_replay_sketches_with_a_fresh_seed():
     assert float(((many.mean(0) - exact) / se.clamp_min(1e-6)).abs().max()) < 6
 
 
-@requires_cuda
-def test_compiled_reduce_overhead_draws_a_fresh_sketch_each_step():
-    from randbp_cli import convert
+def _cuda_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).to(CUDA)
 
-    model = convert(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)).to(CUDA), 0.25, sketch="balanced")
-    compiled = torch.compile(model, mode="reduce-overhead")
-    x = torch.randn(256, 64, device=CUDA)
+
+def _compiled_grads(model, x, mode, steps):
+    compiled = torch.compile(model, mode=mode)
     grads = []
-    for _ in range(6):
+    for _ in range(steps):
         model.zero_grad(set_to_none=True)
         compiled(x).square().sum().backward()
-        grads.append(model[0].weight.grad.clone())
-    assert all(not torch.equal(a, b) for a, b in zip(grads[2:], grads[3:]))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return grads
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_on_cuda_rho_one_is_exact_and_below_it_unbiased_with_a_fresh_s_per_replay(mode):
+    """Inductor, and Inductor with CUDA graphs: at ρ = 1 (balanced: a signed permutation) every
+    gradient is nn.Linear's; at ρ = 0.25 each step (each graph replay) draws a new S and the mean
+    of 300 steps' dW is the exact one (a backward that re-drew S would average to 0)."""
+    import copy
+
+    from randbp_cli import convert
+
+    plain = _cuda_mlp()
+    x = torch.randn(256, 64, device=CUDA)
+    plain(x).square().sum().backward()
+    exact = [p.grad.clone() for p in plain.parameters()]
+    ones = _compiled_grads(convert(copy.deepcopy(plain), 1.0), x, mode, 4)
+    for got in ones[-2:]:
+        for a, b in zip(got, exact):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    grads = _compiled_grads(convert(copy.deepcopy(plain), 0.25), x, mode, 300)
+    assert all(not torch.equal(a[0], b[0]) for a, b in zip(grads[2:], grads[3:]))
+    for index in (0, 2):  # the two weights
+        samples = torch.stack([g[index] for g in grads[3:]])
+        se = samples.std(0) / math.sqrt(len(samples))
+        z = float(((samples.mean(0) - exact[index]) / se.clamp_min(1e-6)).abs().max())
+        assert z < 6, f"weight {index}: mean off by z = {z:.1f}"
     torch._dynamo.reset()
