@@ -104,8 +104,9 @@ def test_profile_cli_reports_allocator_and_nvml_numbers():
     for r in report["results"]:
         assert r["device"] == "cuda"
         assert r["cuda"]["peak_allocated_bytes"] >= r["cuda"]["resting_allocated_bytes"] > 0
-        assert r["nvml"]["available"] in (True, False)
-        if not r["nvml"]["available"]:
+        if r["nvml"]["available"]:  # the device's own counter covers at least what torch allocated
+            assert r["nvml"]["peak_used_bytes"] >= r["cuda"]["peak_allocated_bytes"]
+        else:
             assert r["nvml"]["reason"]
 
 

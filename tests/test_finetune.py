@@ -121,7 +121,8 @@ def test_sigint_mid_run_leaves_a_valid_interrupted_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["status"] == "interrupted"
     (run,) = report["runs"]
-    assert run["status"] == "interrupted" and run["epochs"][0]["eval"]["validation"]["accuracy"] >= 0
+    accuracies = [epoch["eval"]["validation"]["accuracy"] for epoch in run["epochs"] if "eval" in epoch]
+    assert run["status"] == "interrupted" and accuracies and all(0 < a < 1 for a in accuracies)  # real evaluations
     assert run["time"]["steps"] < 50 * 16
     assert "Traceback" not in stderr
 

@@ -51,8 +51,9 @@ COMMANDS = {
                  "--max-train-samples", "32", "--layer", "*.intermediate.dense", "--train-rho", "0.5",
                  "--train-sketch", "countsketch", "--device", "cpu", "--json"],
 }
-# `check` reads the recorded profile report, so its own report depends on nothing else
-CHECK = ["check", str(GOLDEN / "profile.json"), "--baseline", str(GOLDEN / "profile.json"), "--show-all", "--json"]
+# `check` reads the recorded profile report against a baseline derived from it (`_check_baseline`),
+# so its own report depends on nothing else
+CHECK = ["check", str(GOLDEN / "profile.json"), "--show-all", "--json"]
 
 # paths left out of the comparison; "*" stands for every list element or dict key
 WALL_CLOCK_RUN = [("runs", "*", "epochs", "*", "train_time_s"), ("runs", "*", "epochs", "*", "eval_time_s"),
@@ -111,10 +112,22 @@ def _differences(expected, actual, where="") -> list[str]:
     return []
 
 
-def _run(args) -> dict:
+def _run(args, exit_code: int = 0) -> dict:
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == exit_code, result.output
     return json.loads(result.stdout)
+
+
+def _check_baseline(path: Path) -> Path:
+    """The recorded profile as a baseline in which case 1 used 10% fewer bytes (so it regressed),
+    case 2 10% more (improved), and case 3 is missing (new): every verdict `check` can give."""
+    report = json.loads((GOLDEN / "profile.json").read_text())
+    results = report["results"]
+    results[1]["activation_bytes"] = round(results[1]["activation_bytes"] * 0.9)
+    results[2]["activation_bytes"] = round(results[2]["activation_bytes"] * 1.1)
+    del results[3]
+    path.write_text(json.dumps(report))
+    return path
 
 
 def _compare(name: str, report: dict) -> None:
@@ -135,5 +148,8 @@ def test_report_matches_the_recorded_one(name, one_thread):
     _compare(name, _run(COMMANDS[name]))
 
 
-def test_check_report_matches_the_recorded_one(one_thread):
-    _compare("check", _run(CHECK))
+def test_check_report_matches_the_recorded_one(one_thread, tmp_path):
+    report = _run([*CHECK, "--baseline", str(_check_baseline(tmp_path / "baseline.json"))], exit_code=1)
+    assert not report["passed"] and report["regressions"] == 1 and report["improvements"] == 1
+    assert len(report["new_cases"]) == 1
+    _compare("check", report)

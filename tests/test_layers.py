@@ -251,7 +251,7 @@ class _Block(nn.Module):
         return self.out(self.drop(torch.tanh(mixed)))
 
 
-@pytest.mark.parametrize("sketch", ["gaussian", "countsketch", "crs"])
+@pytest.mark.parametrize("sketch", ["balanced", "gaussian", "countsketch", "crs"])
 def test_checkpoint_recompute_sees_the_same_dropout_and_sketches(sketch):
     """Checkpointing (no-grad forward, RNG restored, recompute in backward) must give bit for bit
     the gradients of the same run without checkpointing: same dropout masks, same sketch seeds."""

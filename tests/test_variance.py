@@ -114,7 +114,9 @@ def test_cli_offline_tiny_model_with_plot(tmp_path):
     records = report["records"]
     assert len(records) == 3 * 2 * 2  # steps 0, 2, 4 × 2 layers × 2 sketches
     assert {r["step"] for r in records} == {0, 2, 4}
-    assert all(r["ratio"] > 0 and 0 <= r["alpha"] <= 1 for r in records)
+    for r in records:  # the ratio is (k / (B − 1)) · D²_RMM / D²_SGD, both measured, and positive at ρ < 1
+        assert 0 <= r["alpha"] <= 1 and r["d2_rmm_measured"] > 0 and r["d2_sgd"] > 0
+        assert r["ratio"] == pytest.approx(r["k"] / (r["real_rows"] - 1) * r["d2_rmm_measured"] / r["d2_sgd"])
     assert report["model"]["trained_with"] == f"{DEFAULT_SKETCH} rho=0.5"  # --train-sketch's default
     header = png.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
