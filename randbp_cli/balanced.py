@@ -50,7 +50,7 @@ def mix32(x):
 
 
 def seed_keys(seed: int) -> tuple[int, ...]:
-    """The 4 Feistel round keys and the sign key derived from a 64-bit seed (all 64 bits used)."""
+    """The ROUNDS Feistel round keys and the sign key, derived from a 64-bit seed (all 64 bits used)."""
     lo, hi = seed & MASK32, (seed >> 32) & MASK32
     base = mix32(lo ^ mix32(hi ^ _SALT))
     return tuple(mix32((base + (r + 1) * _GOLDEN) & MASK32) for r in range(ROUNDS + 1))

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import traced_or_direct
+
 SAVED_KIND = "dropout_seeds"
 _UNSAFE = (torch.Tag.cudagraph_unsafe,)
 
@@ -85,23 +87,29 @@ def keep_noise(like: Tensor, p: float, seed: int) -> Tensor:
     return noise.div_(1 - p)
 
 
-@torch.library.custom_op("randbp::seed_dropout", mutates_args=(), tags=(*_UNSAFE, torch.Tag.nondeterministic_seeded))
-def _dropout_op(x: Tensor, p: float, site: str) -> tuple[Tensor, Tensor]:
+def _dropout(x: Tensor, p: float, site: str) -> tuple[Tensor, Tensor]:
     """(x ⊙ noise(seed), seed) for a seed freshly drawn from torch's CPU RNG. `site` names the
     calling module, so that no compiler merges two modules' draws on the same input."""
     seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     return keep_noise(x, p, int(seed)).mul_(x), seed
 
 
+def _dropout_backward(grad: Tensor, p: float, seed: Tensor) -> Tensor:
+    """grad ⊙ noise(seed): the forward's mask, drawn again. Linear in grad, so it is its own derivative."""
+    return keep_noise(grad, p, int(seed)).mul_(grad)
+
+
+# the ops torch.compile sees (ops.py: why the seed is drawn inside); eagerly the functions themselves
+# run (ops.traced_or_direct)
+_dropout_op = torch.library.custom_op("randbp::seed_dropout", _dropout, mutates_args=(),
+                                      tags=(*_UNSAFE, torch.Tag.nondeterministic_seeded))
+_dropout_backward_op = torch.library.custom_op("randbp::seed_dropout_backward", _dropout_backward, mutates_args=(),
+                                               tags=_UNSAFE)
+
+
 @_dropout_op.register_fake
 def _(x, p, site):
     return x.new_empty(x.shape), torch.empty((), dtype=torch.int64)
-
-
-@torch.library.custom_op("randbp::seed_dropout_backward", mutates_args=(), tags=_UNSAFE)
-def _dropout_backward_op(grad: Tensor, p: float, seed: Tensor) -> Tensor:
-    """grad ⊙ noise(seed): the forward's mask, drawn again. Linear in grad, so it is its own derivative."""
-    return keep_noise(grad, p, int(seed)).mul_(grad)
 
 
 @_dropout_backward_op.register_fake
@@ -127,7 +135,7 @@ class SeedDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, p: float, site: str):
-        out, seed = _dropout_op(x, p, site)
+        out, seed = traced_or_direct(_dropout_op, _dropout, x, p, site)
         ctx.p = p
         # eager: the seed on ctx (8 bytes, out of the saved-tensor accounting); traced: saved
         ctx.seed_saved = torch.compiler.is_compiling()
@@ -138,7 +146,7 @@ class SeedDropoutFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         seed = ctx.saved_tensors[0] if ctx.seed_saved else ctx.seed
-        return _dropout_backward_op(grad_out, ctx.p, seed), None, None
+        return traced_or_direct(_dropout_backward_op, _dropout_backward, grad_out, ctx.p, seed), None, None
 
 
 def seed_dropout(x: Tensor, p: float = 0.5, training: bool = True, site: str = "") -> Tensor:

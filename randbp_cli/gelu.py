@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .memory import SAVED_KIND_ATTR
+from .ops import traced_or_direct
 from .second_order import graph_anchor, refuse_differentiation
 
 BITS = (1, 2, 3, 4)
@@ -294,22 +295,26 @@ def quantize(x: Tensor, bits: int) -> Tensor:
 # ---------------------------------------------------------------------------- autograd
 
 
-@torch.library.custom_op("randbp::gelu_codes", mutates_args=())
-def _codes_op(x: Tensor, bits: int) -> Tensor:
+def _codes(x: Tensor, bits: int) -> Tensor:
     """The packed b-bit interval codes of x: ⌈b·N/8⌉ bytes."""
     return _pack_(quantize(x, bits), bits)
+
+
+def _codes_backward(grad: Tensor, packed: Tensor, bits: int) -> Tensor:
+    """grad ⊙ q(x), q read from the packed codes."""
+    slope = unpack_levels(packed, bits, grad.numel(), grad.dtype)  # (N,) q(x)
+    return slope.view(grad.shape).mul_(grad)
+
+
+# the ops torch.compile sees (quantising and packing would break its graph); eagerly the functions
+# themselves run (ops.traced_or_direct)
+_codes_op = torch.library.custom_op("randbp::gelu_codes", _codes, mutates_args=())
+_codes_backward_op = torch.library.custom_op("randbp::gelu_codes_backward", _codes_backward, mutates_args=())
 
 
 @_codes_op.register_fake
 def _(x, bits):
     return x.new_empty(((bits * x.numel() + 7) // 8,), dtype=torch.uint8)
-
-
-@torch.library.custom_op("randbp::gelu_codes_backward", mutates_args=())
-def _codes_backward_op(grad: Tensor, packed: Tensor, bits: int) -> Tensor:
-    """grad ⊙ q(x), q read from the packed codes."""
-    slope = unpack_levels(packed, bits, grad.numel(), grad.dtype)  # (N,) q(x)
-    return slope.view(grad.shape).mul_(grad)
 
 
 @_codes_backward_op.register_fake
@@ -332,7 +337,7 @@ class FewBitGeluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bits: int, anchor: Tensor | None):
-        packed = _codes_op(x, bits)  # (⌈b·N/8⌉,) uint8
+        packed = traced_or_direct(_codes_op, _codes, x, bits)  # (⌈b·N/8⌉,) uint8
         if not torch.compiler.is_compiling():
             setattr(packed, SAVED_KIND_ATTR, SAVED_KIND)
         ctx.bits, ctx.anchor = bits, anchor
@@ -342,7 +347,7 @@ class FewBitGeluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (packed,) = ctx.saved_tensors
-        grad = _codes_backward_op(grad_out, packed, ctx.bits)
+        grad = traced_or_direct(_codes_backward_op, _codes_backward, grad_out, packed, ctx.bits)
         return refuse_differentiation(grad, _NO_SECOND_ORDER.format(bits=ctx.bits), ctx.anchor), None, None
 
 

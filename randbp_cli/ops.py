@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .sketches import Sketch, get_sketch
 
 _RANDOM = torch.Tag.nondeterministic_seeded
@@ -41,8 +42,17 @@ _RANDOM = torch.Tag.nondeterministic_seeded
 
 def _draw(x: Tensor, sketch: str, k: int, site: str) -> list[Tensor]:
     s = get_sketch(sketch)
+    if not s.graph_safe and _capturing(x):
+        raise ConfigError(f"the {sketch} sketch cannot be captured in a CUDA graph: its S comes from a host "
+                          "seed, which every replay would repeat; use sketch='balanced' (its seed is drawn "
+                          "on the GPU), or do not capture")
     seed = s.draw_seed(x.device)
     return [*s.compress(x, k, seed), seed]
+
+
+def _capturing(x: Tensor) -> bool:
+    """Is a CUDA graph being captured on x's stream (eagerly: Inductor never captures host-seeded ops)?"""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _draw_fake(x: Tensor, sketch: str, k: int, site: str) -> list[Tensor]:
@@ -98,6 +108,15 @@ class _Family:
 
 GRAPH_SAFE = _Family("sketch", ())
 HOST_SEEDED = _Family("host_sketch", (torch.Tag.cudagraph_unsafe,))
+
+
+def traced_or_direct(op, function, *args):
+    """`op(*args)` while torch.compile traces, `function(*args)` — what the op runs — otherwise.
+
+    NOTE: a traced graph needs randbp's work opaque (see above for why); eagerly an op would add
+    only its dispatch (~100 µs a call on a CPU). Only for functions built of differentiable torch
+    ops: then the two are the same computation, eagerly differentiable to any order."""
+    return op(*args) if torch.compiler.is_compiling() else function(*args)
 
 
 def family(sketch: Sketch) -> _Family:

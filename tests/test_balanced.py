@@ -134,6 +134,18 @@ def test_the_ops_are_each_others_derivatives_and_pass_opcheck(name):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("name", ["countsketch", "gaussian", "crs"])
+def test_a_host_seeded_sketch_refuses_to_be_captured_in_a_cuda_graph(monkeypatch, name):
+    """Its S comes from a host seed drawn once at capture: every replay would repeat it."""
+    from randbp_cli import ConfigError, ops
+
+    monkeypatch.setattr(ops, "_capturing", lambda x: True)
+    layer = RandomizedLinear(6, 4, rho=0.5, sketch=name)
+    with pytest.raises(ConfigError, match="cannot be captured in a CUDA graph.*balanced"):
+        layer(torch.randn(8, 6))
+    assert RandomizedLinear(6, 4, rho=0.5)(torch.randn(8, 6)).shape == (8, 4)  # balanced: graph-safe
+
+
 def test_the_draw_op_draws_what_a_seed_draw_would():
     """One op call consumes torch's RNG as one seed draw does: a no-grad pass under checkpointing
     that only draws seeds keeps the RNG stream of the pass that sketches."""
