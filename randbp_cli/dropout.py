@@ -35,6 +35,10 @@ The ops are tagged `cudagraph_unsafe` (a generator seeded from a host integer ca
 replayed by a CUDA graph): Inductor keeps them out of CUDA graphs.
 
 Caveats (where it falls back to torch's native dropout, which keeps its mask):
+  * on CUDA under torch.compile: inside a compiled activation-checkpointing region the
+    compiler replays a recomputed random op under the saved state of the *device's* generator,
+    but this seed comes from the CPU's, so the recompute would draw another mask (on a CPU the
+    two are the same generator, and it compiles);
   * under eager CUDA-graph capture (`torch.cuda.is_current_stream_capturing()`): the seed would
     be drawn once at capture and every replay would repeat the same mask;
   * p = 1 (everything dropped; there is no mask to keep).
@@ -43,21 +47,13 @@ Eval mode and p = 0 are the identity (the input itself is returned, nothing draw
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import traced_or_direct
+from .ops import CUDAGRAPH_UNSAFE, capturing, traced_or_direct
 
 SAVED_KIND = "dropout_seeds"
-_UNSAFE = (torch.Tag.cudagraph_unsafe,)
-
-
-def capturing(x: Tensor) -> bool:
-    """Is a CUDA graph being captured eagerly on x's stream (a host seed would be baked in)?"""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def seed_is_graph_safe(x: Tensor) -> bool:
@@ -87,9 +83,12 @@ def keep_noise(like: Tensor, p: float, seed: int) -> Tensor:
     return noise.div_(1 - p)
 
 
-def _dropout(x: Tensor, p: float, site: str) -> tuple[Tensor, Tensor]:
-    """(x ⊙ noise(seed), seed) for a seed freshly drawn from torch's CPU RNG. `site` names the
-    calling module, so that no compiler merges two modules' draws on the same input."""
+def _dropout(x: Tensor, p: float, token: Tensor) -> tuple[Tensor, Tensor]:
+    """(x ⊙ noise(seed), seed) for a seed freshly drawn from torch's CPU RNG.
+
+    `token` is an empty tensor made for this call alone: two calls on one input with one p are
+    then still two calls to a compiler, which would otherwise merge them into one mask
+    (common-subexpression elimination leaves fresh `empty` tensors apart)."""
     seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     return keep_noise(x, p, int(seed)).mul_(x), seed
 
@@ -102,13 +101,13 @@ def _dropout_backward(grad: Tensor, p: float, seed: Tensor) -> Tensor:
 # the ops torch.compile sees (ops.py: why the seed is drawn inside); eagerly the functions themselves
 # run (ops.traced_or_direct)
 _dropout_op = torch.library.custom_op("randbp::seed_dropout", _dropout, mutates_args=(),
-                                      tags=(*_UNSAFE, torch.Tag.nondeterministic_seeded))
+                                      tags=(*CUDAGRAPH_UNSAFE, torch.Tag.nondeterministic_seeded))
 _dropout_backward_op = torch.library.custom_op("randbp::seed_dropout_backward", _dropout_backward, mutates_args=(),
-                                               tags=_UNSAFE)
+                                               tags=CUDAGRAPH_UNSAFE)
 
 
 @_dropout_op.register_fake
-def _(x, p, site):
+def _(x, p, token):
     return x.new_empty(x.shape), torch.empty((), dtype=torch.int64)
 
 
@@ -134,8 +133,8 @@ class SeedDropoutFunction(torch.autograd.Function):
     """out = x ⊙ noise(seed); backward: g ⊙ noise(seed), the noise drawn again from the seed."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: float, site: str):
-        out, seed = traced_or_direct(_dropout_op, _dropout, x, p, site)
+    def forward(ctx, x: Tensor, p: float):
+        out, seed = traced_or_direct(_dropout_op, _dropout, x, p, x.new_empty(0))
         ctx.p = p
         # eager: the seed on ctx (8 bytes, out of the saved-tensor accounting); traced: saved
         ctx.seed_saved = torch.compiler.is_compiling()
@@ -146,21 +145,18 @@ class SeedDropoutFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         seed = ctx.saved_tensors[0] if ctx.seed_saved else ctx.seed
-        return traced_or_direct(_dropout_backward_op, _dropout_backward, grad_out, ctx.p, seed), None, None
+        return traced_or_direct(_dropout_backward_op, _dropout_backward, grad_out, ctx.p, seed), None
 
 
-def seed_dropout(x: Tensor, p: float = 0.5, training: bool = True, site: str = "") -> Tensor:
+def seed_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     """`F.dropout(x, p, training)` that keeps a seed, not a mask; see the module doc."""
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0 or x.numel() == 0:
         return x
-    if p == 1.0 or capturing(x):
+    if p == 1.0 or capturing(x) or (x.is_cuda and torch.compiler.is_compiling()):
         return F.dropout(x, p, training)
-    return SeedDropoutFunction.apply(x, p, site)
-
-
-_sites = itertools.count(1)
+    return SeedDropoutFunction.apply(x, p)
 
 
 class SeedDropout(nn.Dropout):
@@ -172,11 +168,7 @@ class SeedDropout(nn.Dropout):
 
     saved_kind = SAVED_KIND  # how memory.SavedTensorCounter files what this module saves
 
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        super().__init__(p, inplace)
-        self.site = f"dropout-{next(_sites)}"  # a string: a constant to torch.compile
-
     def forward(self, x: Tensor) -> Tensor:
         if self.inplace:  # an in-place dropout must modify its input: only torch's can
             return F.dropout(x, self.p, self.training, inplace=True)
-        return seed_dropout(x, self.p, self.training, self.site)
+        return seed_dropout(x, self.p, self.training)

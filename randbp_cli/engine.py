@@ -163,10 +163,14 @@ class Engine:
     def warm_up(self, batch: Batch, steps: int, max_extra: int = 8) -> int:
         """`steps` training steps; compiled, more until one compiles nothing (at most
         `max_extra` more). Returns how many steps ran."""
+        if self.compile is None:
+            for _ in range(steps):
+                self.step(batch)
+            return steps
         for done in range(1, steps + max_extra + 1):
             before = compile_events()
             self.step(batch)
-            if done >= steps and (self.compile is None or compile_events() == before):
+            if done >= steps and compile_events() == before:
                 return done
         return steps + max_extra
 

@@ -285,9 +285,11 @@ class RandomizedLinear(nn.Linear):
         self.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch)
 
     def configure(self, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1,
-                  share_sketch: bool = True, name: str = "") -> "RandomizedLinear":
+                  share_sketch: bool = True, name: str | None = None) -> "RandomizedLinear":
         """Validate the settings once and build the plan every forward reuses (`name`: the
-        layer's name in its model, for error messages)."""
+        layer's name in its model, for error messages; by default the name it had)."""
+        if name is None:
+            name = self.plan.name if hasattr(self, "plan") else ""
         self.plan = make_plan(rho, sketch, min_rows, share_sketch, name)
         return self
 

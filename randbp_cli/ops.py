@@ -13,12 +13,14 @@ backward must apply the very S the forward applied. A seed drawn by a separate R
 cheap to recompute, and torch.compile's partitioner does recompute cheap forward values in the
 backward graph rather than save them: the backward would then draw a second, independent S,
 and E[(S₂ᵀdY)ᵀ(S₁ᵀX)] = 0. Here one op call yields both Sᵀx and its seed, so whichever graph
-runs that call (the forward, or the backward if the partitioner moves it there), every use of
-S downstream reads the same call's seed; a custom op is never recomputed on its own (it is not
-in the partitioner's recompute allowlist); inside a compiled activation-checkpointing region,
-where it is recomputed, the `nondeterministic_seeded` tag makes the compiler replay it under
-the forward's RNG state. The tag also keeps Inductor from reordering the draws, and `site`
-keeps common-subexpression elimination from merging two layers' draws on the same input.
+runs that call (the forward, or the backward if the partitioner moves it there: nothing in the
+forward's output depends on S), every use of S downstream reads the same call's seed. Should a
+compiler recompute the call (by default a custom op is outside the partitioner's recompute
+allowlist; a compiled activation-checkpointing region, or `activation_memory_budget` < 1, do
+recompute), the recomputed seed and sketch still come from one call and so still agree; the
+`nondeterministic_seeded` tag, besides, has a checkpointed region replay it under the saved RNG
+state of its device. `site` keeps common-subexpression elimination from merging two layers' draws
+on the same input — and lets it merge the draws of layers that share a sketch (sharing.py).
 
 Two families, the same functions, different promises:
   randbp::sketch_*       graph-safe sketches (balanced): the seed is drawn on the input's
@@ -38,11 +40,13 @@ from .errors import ConfigError
 from .sketches import Sketch, get_sketch
 
 _RANDOM = torch.Tag.nondeterministic_seeded
+# Inductor leaves ops with this tag out of CUDA graphs (torch ≥ 2.8; older ones have no such tag)
+CUDAGRAPH_UNSAFE = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
 def _draw(x: Tensor, sketch: str, k: int, site: str) -> list[Tensor]:
     s = get_sketch(sketch)
-    if not s.graph_safe and _capturing(x):
+    if not s.graph_safe and capturing(x):
         raise ConfigError(f"the {sketch} sketch cannot be captured in a CUDA graph: its S comes from a host "
                           "seed, which every replay would repeat; use sketch='balanced' (its seed is drawn "
                           "on the GPU), or do not capture")
@@ -50,8 +54,9 @@ def _draw(x: Tensor, sketch: str, k: int, site: str) -> list[Tensor]:
     return [*s.compress(x, k, seed), seed]
 
 
-def _capturing(x: Tensor) -> bool:
-    """Is a CUDA graph being captured on x's stream (eagerly: Inductor never captures host-seeded ops)?"""
+def capturing(x: Tensor) -> bool:
+    """Is a CUDA graph being captured eagerly on x's stream (a host seed would be baked in)?
+    (Inductor never captures the host-seeded ops: they are tagged `cudagraph_unsafe`.)"""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -107,15 +112,16 @@ class _Family:
 
 
 GRAPH_SAFE = _Family("sketch", ())
-HOST_SEEDED = _Family("host_sketch", (torch.Tag.cudagraph_unsafe,))
+HOST_SEEDED = _Family("host_sketch", CUDAGRAPH_UNSAFE)
 
 
 def traced_or_direct(op, function, *args):
     """`op(*args)` while torch.compile traces, `function(*args)` — what the op runs — otherwise.
 
     NOTE: a traced graph needs randbp's work opaque (see above for why); eagerly an op would add
-    only its dispatch (~100 µs a call on a CPU). Only for functions built of differentiable torch
-    ops: then the two are the same computation, eagerly differentiable to any order."""
+    only its dispatch (~100 µs a call on a CPU, 30% of a small layer's step). Only for functions
+    built of differentiable torch ops: then the two are the same computation, eagerly
+    differentiable to any order."""
     return op(*args) if torch.compiler.is_compiling() else function(*args)
 
 
@@ -123,31 +129,24 @@ def family(sketch: Sketch) -> _Family:
     return GRAPH_SAFE if sketch.graph_safe else HOST_SEEDED
 
 
-def _direct(sketch: Sketch) -> bool:
-    """Call a host-seeded sketch's functions directly, in eager mode.
-
-    NOTE: they are made of differentiable torch ops, so eagerly the op adds nothing but its
-    dispatch (~100 µs a call on a CPU); only a traced graph needs them opaque. The graph-safe
-    family always goes through its ops: the fused kernel is not differentiable on its own."""
-    return not sketch.graph_safe and not torch.compiler.is_compiling()
+def _call(sketch: Sketch, op_name: str, function, *args):
+    """A sketch's op; eagerly, for a host-seeded sketch, its function itself (`traced_or_direct`:
+    the function is made of differentiable torch ops). The graph-safe family always goes through
+    its ops: the fused kernel is not differentiable on its own."""
+    op = getattr(family(sketch), op_name)
+    return op(*args) if sketch.graph_safe else traced_or_direct(op, function, *args)
 
 
 def sketch_draw(x: Tensor, sketch: Sketch, k: int, site: str = "") -> list[Tensor]:
     """[*saved, seed]: Sᵀx (and a data-dependent sketch's indices) with a freshly drawn seed."""
-    if _direct(sketch):
-        return _draw(x, sketch.name, k, site)
-    return family(sketch).draw(x, sketch.name, k, site)
+    return _call(sketch, "draw", _draw, x, sketch.name, k, site)
 
 
 def sketch_apply(y: Tensor, sketch: Sketch, k: int, seed: Tensor, saved) -> Tensor:
     """Sᵀy for the S that `seed` (and `saved`) stand for."""
-    if _direct(sketch):
-        return _apply(y, sketch.name, k, seed, list(saved))
-    return family(sketch).apply(y, sketch.name, k, seed, list(saved))
+    return _call(sketch, "apply", _apply, y, sketch.name, k, seed, list(saved))
 
 
 def sketch_transpose(g: Tensor, sketch: Sketch, n_rows: int, seed: Tensor, saved) -> Tensor:
     """S g: the derivative of Sᵀx in direction g."""
-    if _direct(sketch):
-        return _transpose(g, sketch.name, n_rows, seed, list(saved))
-    return family(sketch).transpose(g, sketch.name, n_rows, seed, list(saved))
+    return _call(sketch, "transpose", _transpose, g, sketch.name, n_rows, seed, list(saved))

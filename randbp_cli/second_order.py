@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .errors import SecondOrderError
 
-_ARMED_ATTR = "_randbp_second_order_armed"  # on a weight tensor: {graph task id: message}
+# leaf tensor -> {graph task id: message}: the weights armed for a pass, with the one hook that
+# reads it. Kept here, not on the tensor: a pickled Parameter keeps its attributes, not its hooks.
+_ARMED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _current_task() -> int:
@@ -65,17 +68,17 @@ class SketchUse:
                    "applies its sketch twice (quadratic in S·Sᵀ, biased). Leave the layer exact for "
                    "this (convert(..., exclude=...), or restore(model)); second-order gradients with "
                    "respect to inputs and other layers' weights are unbiased and allowed")
-        leaf = _leaf_variable(weight_edge)
-        if leaf is None:  # the weight is computed from parameters: refuse whatever is asked
+        leaves = _leaf_variables(weight_edge)
+        if not leaves:  # nothing to hook (a graph too large to walk): refuse whatever is asked
             raise SecondOrderError(message)
-        armed = getattr(leaf, _ARMED_ATTR, None)
-        if armed is None:
-            armed = {}
-            setattr(leaf, _ARMED_ATTR, armed)
-            leaf.register_hook(lambda grad: _refuse_if_armed(armed))
-        if task not in armed:
-            armed.clear()  # older passes are over
-        armed[task] = message
+        for leaf in leaves:
+            armed = _ARMED.get(leaf)
+            if armed is None:
+                armed = _ARMED[leaf] = {}
+                leaf.register_hook(lambda grad, armed=armed: _refuse_if_armed(armed))
+            if task not in armed:
+                armed.clear()  # older passes are over
+            armed[task] = message
 
 
 def _refuse_if_armed(armed: dict[int, str]) -> None:
@@ -84,20 +87,24 @@ def _refuse_if_armed(armed: dict[int, str]) -> None:
         raise SecondOrderError(message)
 
 
-def _leaf_variable(edge) -> Tensor | None:
-    """The leaf tensor behind a gradient edge: AccumulateGrad's variable, through casts (autocast)."""
-    node = edge
-    for _ in range(4):
-        if node is None:
-            return None
+def _leaf_variables(edge, limit: int = 256) -> list[Tensor]:
+    """The leaf tensors a gradient edge leads to: the weight itself (AccumulateGrad's variable),
+    or, through a cast (autocast) or a computed weight (weight norm, a merged adapter), the
+    parameters it is made of. Empty if the graph is larger than `limit` nodes."""
+    leaves, seen, todo = [], set(), [edge]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > limit:
+            return []
         variable = getattr(node, "variable", None)
         if variable is not None:
-            return variable
-        parents = [fn for fn, _ in node.next_functions if fn is not None]
-        if len(parents) != 1:
-            return None
-        node = parents[0]
-    return None
+            leaves.append(variable)
+        else:
+            todo.extend(fn for fn, _ in node.next_functions)
+    return leaves
 
 
 def graph_anchor(x: Tensor) -> Tensor | None:

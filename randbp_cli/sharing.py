@@ -23,8 +23,10 @@ it, under activation checkpointing too.
 Under torch.compile a scope is never touched (`active()` is False): a traced graph shares by
 itself. Every sharing layer draws with the same `site` (ops.py), so the draws of layers that
 read one tensor are the same call on the same graph node, and the compiler's common-
-subexpression elimination merges them into one draw, one saved sketch — exactly as the eager
-rules above would (an in-place write makes another node). Touching a Python object from a
+subexpression elimination merges them into one draw, one saved sketch (an in-place write makes
+another node). It merges a little more than the eager rules: any two equal draws in one graph,
+so a model run twice on one batch within one compiled step sketches both runs with one S.
+Each estimate stays unbiased; the two are then not independent. Touching a Python object from a
 compiled graph would also be a side effect that activation checkpointing inside the compiled
 region refuses (a graph break at every checkpointed block), and a guard that recompiles.
 """

@@ -476,10 +476,26 @@ def sketch_names() -> list[str]:
 _INSTANCES = {name: cls() for name, cls in SKETCHES.items()}  # sketches hold no state: one each
 
 
-def get_sketch(sketch: str | Sketch) -> Sketch:
-    """A sketch by name (or pass an instance through)."""
-    if isinstance(sketch, Sketch):
+def _register(sketch: Sketch) -> Sketch:
+    """Make a user's own Sketch instance findable by its name, as randbp's ops look sketches up.
+
+    A custom sketch needs a name of its own: one that is a built-in's, or another class's already,
+    would run the other code wherever the name is looked up."""
+    name = sketch.name
+    known = _INSTANCES.get(name)
+    if known is sketch:
         return sketch
+    if not name or (known is not None and type(known) is not type(sketch)):
+        taken = f"'{name}' is {type(known).__name__}'s" if known is not None else "it is empty"
+        raise ConfigError(f"a custom Sketch ({type(sketch).__name__}) needs a name of its own: {taken}")
+    _INSTANCES[name] = sketch
+    return sketch
+
+
+def get_sketch(sketch: str | Sketch) -> Sketch:
+    """A sketch by name, or an instance (a custom one is registered under its name)."""
+    if isinstance(sketch, Sketch):
+        return _register(sketch)
     try:
         return _INSTANCES[str(sketch).lower()]
     except KeyError:

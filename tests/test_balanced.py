@@ -139,7 +139,7 @@ def test_a_host_seeded_sketch_refuses_to_be_captured_in_a_cuda_graph(monkeypatch
     """Its S comes from a host seed drawn once at capture: every replay would repeat it."""
     from randbp_cli import ConfigError, ops
 
-    monkeypatch.setattr(ops, "_capturing", lambda x: True)
+    monkeypatch.setattr(ops, "capturing", lambda x: True)
     layer = RandomizedLinear(6, 4, rho=0.5, sketch=name)
     with pytest.raises(ConfigError, match="cannot be captured in a CUDA graph.*balanced"):
         layer(torch.randn(8, 6))

@@ -302,15 +302,6 @@ def test_every_sketch_compiles_a_deep_stack_in_one_graph_without_recompiling():
     assert _compiles(nn.Sequential(*layers), torch.randn(32, 16)) == [1, 0, 0]
 
 
-def _tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    return BertForSequenceClassification(config).train()
-
-
 def test_every_sketch_and_saver_compiles_a_bert_without_breaks_or_recompiles():
     """A 2-layer BERT whose 14 linears cycle through every sketch, with the dropout and gelu:2
     savers: as many graphs as the plain model compiles at each step (no graph break of
@@ -345,6 +336,37 @@ def test_second_order_in_the_weights_is_refused_by_name(sketch):
     outer = torch.tanh(x @ (model[0].weight - 0.1 * grads[0]).T + model[0].bias) @ adapted.T
     with pytest.raises(SecondOrderError):
         torch.autograd.grad(outer.square().sum(), [model[0].weight, model[2].weight])
+
+
+def test_the_refusal_survives_saving_the_model_and_reaches_computed_weights():
+    """A pickled Parameter keeps its attributes but not its hooks; a weight computed from
+    parameters (weight norm) is refused through the parameters it is made of, while the pass that
+    asks only for x goes through."""
+    import io
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = convert(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double(), 0.5)
+    x = torch.randn(8, 4, dtype=torch.float64)
+
+    def hvp_in_w(net):
+        (g,) = torch.autograd.grad(net(x).square().sum(), net[0].weight, create_graph=True)
+        torch.autograd.grad(g.square().sum(), net[0].weight)
+
+    with pytest.raises(SecondOrderError):
+        hvp_in_w(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with pytest.raises(SecondOrderError):
+        hvp_in_w(torch.load(buffer, weights_only=False))
+    weight_norm(model[0])
+    magnitude, direction = model[0].parametrizations.weight.original0, model[0].parametrizations.weight.original1
+    inp = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.tanh(model(inp)).sum(), magnitude, create_graph=True)
+    assert torch.autograd.grad(g.sum(), inp, retain_graph=True)[0].shape == inp.shape  # in x: allowed
+    with pytest.raises(SecondOrderError):
+        torch.autograd.grad(g.sum(), direction)
 
 
 def test_second_order_a_user_may_take_is_exact_at_rho_one():

@@ -149,3 +149,19 @@ def test_compile_mode_resolves_by_device():
         ProfileConfig(device="cpu", compile_mode="default").resolve()
     with pytest.raises(ConfigError, match="unknown --compile-mode"):
         ProfileConfig(device="cpu", compile=True, compile_mode="fast").resolve()
+
+
+def test_eager_warm_up_runs_exactly_the_steps_asked_and_compiled_until_nothing_compiles(tiny_roberta, quick_compile):
+    """`--warmup 0` eagerly means no step at all; compiled, warm-up goes on until a step compiles
+    nothing (here the first compiles, transformers' first-call setup recompiles once)."""
+    from conftest import tiny_batch
+
+    eager = Engine(tiny_roberta, torch.device("cpu"))
+    eager.use_optimizer(torch.optim.SGD(eager.model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in eager.model.parameters()]
+    assert eager.warm_up(tiny_batch(tiny_roberta), 0) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, eager.model.parameters()))
+    compiled = Engine(tiny_roberta, torch.device("cpu"), compile="default")
+    compiled.use_optimizer(torch.optim.SGD(compiled.model.parameters(), lr=0.0))
+    compiled.apply(EXACT)
+    assert compiled.warm_up(tiny_batch(tiny_roberta), 1) >= 3

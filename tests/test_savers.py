@@ -50,7 +50,7 @@ def test_seed_dropout_gradient_is_that_of_the_forward_mask(dtype):
 
 def _seeded_dropout(t, p=0.4):
     torch.manual_seed(1234)  # the op draws its seed from torch's RNG: the same seed every call
-    return SeedDropoutFunction.apply(t, p, "test")
+    return SeedDropoutFunction.apply(t, p)
 
 
 def test_seed_dropout_non_contiguous_input_gradcheck_and_gradgradcheck():
@@ -163,6 +163,32 @@ def test_compiled_seed_dropout_keeps_its_seed_not_a_mask_and_a_fresh_mask_each_c
         masks.append(kept)
     assert not torch.equal(masks[0], masks[1])
     torch._dynamo.reset()
+
+
+def test_compiled_calls_on_one_input_draw_their_own_masks():
+    """R-Drop, SimCSE: one module applied twice to one tensor in one compiled step. Two equal calls
+    must stay two masks, as eagerly; a compiler merging equal calls would make them one."""
+    drop = SeedDropout(0.5)
+    x = torch.ones(64, 32)
+    compiled = torch.compile(lambda t: (drop(t), drop(t), seed_dropout(t, 0.5), seed_dropout(t, 0.5)),
+                             backend="aot_eager", fullgraph=True)
+    masks = [m != 0 for m in compiled(x.clone().requires_grad_(True))]
+    assert all(not torch.equal(a, b) for i, a in enumerate(masks) for b in masks[i + 1:])
+    torch._dynamo.reset()
+
+
+def test_seed_dropout_on_cuda_under_compile_is_torchs_dropout(monkeypatch):
+    """A compiled checkpointed region replays a recomputed random op under the device generator's
+    saved state, not the CPU generator's this seed comes from: on CUDA, under compile, native."""
+    class FakeCuda(torch.Tensor):
+        is_cuda = True
+
+    calls = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr("randbp_cli.dropout.capturing", lambda x: False)
+    monkeypatch.setattr(F, "dropout", lambda x, p, training: calls.append(p) or x)
+    seed_dropout(torch.ones(4).as_subclass(FakeCuda), 0.5)
+    assert calls == [0.5]
 
 
 class _Block(nn.Module):

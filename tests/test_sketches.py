@@ -203,3 +203,31 @@ def test_unknown_sketch_names_the_choices():
     with pytest.raises(ConfigError, match="gaussian"):
         get_sketch("dct2")
     assert {"gaussian", "rademacher", "countsketch", "srht", "crs", "wta-crs"} <= set(sketch_names())
+
+
+def test_a_custom_sketch_is_used_eagerly_and_compiled_and_a_taken_name_is_refused():
+    """A user's Sketch instance runs its own code (the ops look sketches up by name: it is
+    registered under its own); one that reuses a built-in's name would run the built-in's."""
+    from randbp_cli import ConfigError, RandomizedLinear
+    from randbp_cli.sketches import CountSketch, GaussianSketch
+
+    class Counted(CountSketch):
+        name = "counted-countsketch"
+        calls = 0
+
+        def compress(self, x, k, seed):
+            Counted.calls += 1
+            return super().compress(x, k, seed)
+
+    layer = RandomizedLinear(4, 3, rho=0.5, sketch=Counted())
+    layer(torch.randn(6, 4)).sum().backward()
+    compiled = torch.compile(layer, backend="aot_eager")
+    compiled(torch.randn(6, 4)).sum().backward()
+    torch._dynamo.reset()
+    assert Counted.calls == 2 and layer.weight.grad is not None
+
+    class Renamed(GaussianSketch):
+        pass
+
+    with pytest.raises(ConfigError, match="name of its own: 'gaussian'"):
+        RandomizedLinear(4, 3, rho=0.5, sketch=Renamed())
