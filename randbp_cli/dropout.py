@@ -134,7 +134,7 @@ class SeedDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, p: float):
-        out, seed = traced_or_direct(_dropout_op, _dropout, x, p, x.new_empty(0))
+        out, seed = traced_or_direct(_dropout_op, _dropout, x, p, torch.empty(0, device=x.device))
         ctx.p = p
         # eager: the seed on ctx (8 bytes, out of the saved-tensor accounting); traced: saved
         ctx.seed_saved = torch.compiler.is_compiling()
