@@ -22,7 +22,7 @@ except ImportError:  # older typer: plain click
 
 from . import __version__, distributed
 from .check import compare_reports, parse_tolerance, require_judgeable
-from .cli_console import note, one_line, out_console, phase_progress, stop_on_signals, training_progress
+from .cli_console import note, one_line, phase_progress, print_tables, stop_on_signals, training_progress
 from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt, DeviceOpt,
                           DtypeOpt, ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt, MaxLengthOpt,
                           MaxTrainOpt, ModelOpt, OfflineOpt, OutputOpt, SaverOpt, SeedOpt, TaskOpt, TextColumnsOpt,
@@ -123,8 +123,7 @@ def _deliver(report: Report, output: Optional[Path], json_output: bool, plot: Op
     if json_output:
         typer.echo(to_json(report.to_dict()))
         return
-    for table in tables_for([report]):
-        out_console.print(table)
+    print_tables(tables_for([report]))
     if output is not None and announce:
         note(f"report written to {output}")
 
@@ -144,7 +143,7 @@ def _judge(current: ProfileReport, baseline: ProfileReport, tolerances: dict, *,
     for warning in result.warnings:
         note(f"warning: {warning}; numbers may differ for that reason alone")
     if not quiet and (result.regressions or result.improvements or show_all):
-        out_console.print(check_table(result, show_all=show_all))
+        print_tables([check_table(result, show_all=show_all)])
     if result.regressions:
         note(f"FAIL: {len(result.regressions)} metric(s) regressed across {result.matched} matched case(s)")
     else:
@@ -264,8 +263,7 @@ def report(
     if output_format == "markdown":
         typer.echo("\n\n".join(table_to_markdown(t) for t in tables))
     else:
-        for table in tables:
-            out_console.print(table)
+        print_tables(tables)
     if plot is not None:
         write_plot(reports, plot)
         note(f"plot written to {plot}")

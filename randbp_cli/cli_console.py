@@ -6,19 +6,38 @@ warnings, errors) goes to stderr, as plain lines when stderr is not a terminal.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .engine import TrainCallbacks
+from .render import fit
 
 err_console = Console(stderr=True)
-# Not a terminal (a CI log, a pipe): rich would assume 80 columns and squeeze the tables.
-out_console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def output_width() -> int | None:
+    """Columns the tables may use: $COLUMNS when set, else the terminal's; None (any) in a pipe or a
+    CI log, where nothing wraps lines and a cut number would be lost for good."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return Console().width if sys.stdout.isatty() else None
+
+
+def print_tables(tables) -> None:
+    """The tables on stdout, each fitted to the width (render.fit: no number is ever cut)."""
+    width = output_width()
+    console = Console(width=width or 1 << 16)  # a pipe: each table as wide as its widest row
+    for table in tables:
+        for part in fit(table, width):
+            console.print(part, soft_wrap=isinstance(part, Text))
 
 
 def note(message: str) -> None:

@@ -10,7 +10,9 @@ import itertools
 from collections import defaultdict
 from pathlib import Path
 
+from rich.cells import cell_len
 from rich.table import Table
+from rich.text import Text
 
 from .check import CheckResult
 from .errors import ConfigError
@@ -43,9 +45,89 @@ def _sci(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
 
+class ReportTable(Table):
+    """A rich table whose first `keys` columns name a row (method, ρ, sketch …): when the table is too
+    wide for the terminal, `fit` repeats them in every part it splits the other columns into."""
+
+    def __init__(self, *args, keys: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keys = keys
+
+
 def _columns(table: Table, names: list[str], left: tuple[str, ...]) -> None:
     for name in names:
         table.add_column(name, justify="left" if name in left else "right", no_wrap=True)
+
+
+# ---------------------------------------------------------------------------- fitting a width
+
+# A cell is never cut: rich, given too little width, elides numbers ("912,605,2…"). `fit` instead
+# lets headers wrap at spaces, then splits the columns over several tables (the row's key columns
+# repeated), and, when even one value column beside the keys does not fit, prints each row as
+# `header: value` lines. Widths here are rich's layout: one border per column plus one, and one
+# space of padding either side of every cell.
+
+
+def _cells(column) -> list[str]:
+    return [str(cell) for cell in column.cells]
+
+
+def _width(column, wrap_header: bool) -> int:
+    header = str(column.header)
+    header_width = max(map(cell_len, header.split() or [""])) if wrap_header else cell_len(header)
+    return max([header_width, *map(cell_len, _cells(column))])
+
+
+def _table_width(columns, wrap_header: bool) -> int:
+    return 1 + sum(_width(c, wrap_header) + 3 for c in columns)
+
+
+def _part(table: Table, columns: list, title: str | None, caption: str | None, wrap_header: bool) -> Table:
+    """A copy of `table` with only `columns` (each at a fixed width when headers wrap)."""
+    part = Table(title=title, caption=caption, title_justify=table.title_justify, min_width=None)
+    for column in columns:
+        part.add_column(column.header, justify=column.justify, no_wrap=not wrap_header,
+                        width=_width(column, True) if wrap_header else None)
+    for index, row in enumerate(table.rows):
+        part.add_row(*[column._cells[index] for column in columns], style=row.style)
+    return part
+
+
+def _records(table: Table) -> Text:
+    """Each row as `header: value` lines (the narrowest form: every value whole, one per line)."""
+    text = Text()
+    if table.title:
+        text.append(f"{table.title}\n", style="bold")
+    headers = [" ".join(str(c.header).split()) for c in table.columns]
+    for index, row in enumerate(table.rows):
+        text.append("\n")
+        for header, column in zip(headers, table.columns):
+            text.append(f"{header}: ", style="dim")
+            text.append(f"{column._cells[index]}\n", style=row.style or "")
+    if table.caption:
+        text.append(f"\n{table.caption}\n", style="italic")
+    return text
+
+
+def fit(table: Table, width: int | None) -> list:
+    """`table` as renderables no wider than `width` (None: any width), every cell whole."""
+    columns = list(table.columns)
+    if width is None or _table_width(columns, wrap_header=False) <= width:
+        return [table]
+    if _table_width(columns, wrap_header=True) <= width:
+        return [_part(table, columns, table.title, table.caption, wrap_header=True)]
+    keys, values = columns[:getattr(table, "keys", 1)], columns[getattr(table, "keys", 1):]
+    groups: list[list] = []
+    for column in values:
+        if groups and _table_width(keys + groups[-1] + [column], wrap_header=True) <= width:
+            groups[-1].append(column)
+        elif _table_width(keys + [column], wrap_header=True) <= width:
+            groups.append([column])
+        else:
+            return [_records(table)]
+    return [_part(table, keys + group, f"{table.title} ({number}/{len(groups)})" if table.title else None,
+                  table.caption if number == len(groups) else None, wrap_header=True)
+            for number, group in enumerate(groups, 1)]
 
 
 # ---------------------------------------------------------------------------- profile
@@ -62,7 +144,7 @@ def profile_table(report: ProfileReport) -> Table:
     show_savers = any(r.savers for r in results)
     budget = next((r.budget for r in results if r.budget), None)
     title = f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
-    table = Table(title=title, caption=_profile_caption(report), title_justify="left")
+    table = ReportTable(title=title, caption=_profile_caption(report), title_justify="left", keys=3 + show_savers)
     columns = ["method", "ρ", "sketch", *(["savers"] if show_savers else []), "batch", "seq", "activations MiB",
                "vs exact", *(["compiled MiB"] if show_compiled else [])]
     columns += ["act. peak MiB"] * show_peak + ["CUDA peak MiB"] * show_cuda + ["NVML peak MiB"] * show_nvml
@@ -117,7 +199,7 @@ def finetune_table(report: FinetuneReport) -> Table:
     metric = runs[0].metric if runs else "metric"
     title = (f"randbp finetune: {task.get('task', '?')} on {model.get('name', '?')} "
              f"({model.get('weights', '?')} weights), status {report.status or '?'}")
-    table = Table(title=title, title_justify="left")
+    table = ReportTable(title=title, title_justify="left", keys=1)
     show_cuda = any(((r.memory or {}).get("cuda") or {}) for r in runs)
     columns = ["run", "ρ", f"best {metric}", "epoch", f"last {metric}", "activations MiB", "vs exact"]
     columns += ["CUDA peak MiB"] * show_cuda + ["s/step", "tokens/s", "time × exact"]
@@ -142,7 +224,7 @@ def finetune_table(report: FinetuneReport) -> Table:
 
 def epoch_table(run: FinetuneRun) -> Table:
     """One run's epochs: train loss and every evaluation metric per split."""
-    table = Table(title=f"{run.name}: per epoch", title_justify="left")
+    table = ReportTable(title=f"{run.name}: per epoch", title_justify="left", keys=1)
     splits_metrics: list[tuple[str, str]] = []
     for entry in run.epochs:
         for split, metrics in (entry.get("eval") or {}).items():
@@ -174,9 +256,10 @@ def variance_table(report: VarianceReport, max_rows: int = 40) -> Table:
     config, records = report.config or {}, report.records
     title = (f"randbp variance: {config.get('task', '?')} on {config.get('model', '?')}, ρ = {config.get('rho', '?')}, "
              f"{config.get('repeats', '?')} repeats")
-    table = Table(title=title, title_justify="left",
-                  caption="ratio = (k/(B−1))·D²_RMM/D²_SGD (measured); bound = (α+1)/α (paper, Theorem 1)")
-    if len(records) <= max_rows:
+    detailed = len(records) <= max_rows
+    table = ReportTable(title=title, title_justify="left", keys=3 if detailed else 2,
+                        caption="ratio = (k/(B−1))·D²_RMM/D²_SGD (measured); bound = (α+1)/α (paper, Theorem 1)")
+    if detailed:
         # k is drawn over all N rows the layer sees; B (the SGD samples) counts the real ones
         _columns(table, ["step", "layer", "sketch", "k / N", "B", "α", "D²_SGD", "D²_RMM measured ± se",
                          "D²_RMM theory", "ratio", "bound"], left=("layer", "sketch"))
@@ -199,7 +282,7 @@ def variance_table(report: VarianceReport, max_rows: int = 40) -> Table:
 
 def check_table(result: CheckResult, show_all: bool = False) -> Table:
     """Every metric that moved (or all with `show_all`): baseline, now, delta, delta %, limit."""
-    table = Table(title=f"randbp check: {result.matched} case(s) compared", title_justify="left")
+    table = ReportTable(title=f"randbp check: {result.matched} case(s) compared", title_justify="left", keys=2)
     _columns(table, ["case", "metric", "baseline", "now", "delta", "delta %", "limit", "status"],
              left=("case", "metric", "status"))
 
@@ -241,7 +324,7 @@ def benchmark_tables(output: BenchmarkOutput) -> list[Table]:
     if output.checks:
         passed = sum(check.get("passed") is True for check in output.checks)
         title = f"{output.schema}: {passed} of {len(output.checks)} checks pass"
-        table = Table(title=title, title_justify="left", caption=output.command, min_width=len(title))
+        table = ReportTable(title=title, title_justify="left", caption=output.command, keys=1)
         _columns(table, ["result", "check"], left=("result", "check"))
         for check in output.checks:
             ok = check.get("passed")
@@ -255,7 +338,7 @@ def benchmark_tables(output: BenchmarkOutput) -> list[Table]:
     for key, rows in output.tables:
         names = [name for name, _ in rows]
         columns = list(dict.fromkeys(k for _, row in rows for k, v in row.items() if not isinstance(v, (dict, list))))
-        table = Table(title=key, title_justify="left")
+        table = ReportTable(title=key, title_justify="left", keys=1)
         text = [c for c in columns if all(isinstance(row.get(c), (str, type(None))) for _, row in rows)]
         _columns(table, ([""] if any(names) else []) + columns, left=("", *text))
         for name, row in rows:
@@ -289,9 +372,9 @@ def gelu_error_table(report: VarianceReport) -> Table:
     groups: dict[tuple[str, int], list[dict]] = {}
     for e in report.gelu_errors or []:
         groups.setdefault((e["layer"], e["bits"]), []).append(e)
-    table = Table(title="few-bit GELU: gradient error on the real GELU inputs", title_justify="left",
-                  caption="‖q(x) − GELU′(x)‖/‖GELU′(x)‖, weighted: of ∂L/∂x itself (upstream gradient ⊙); "
-                          "N(0,1): what the levels were fitted to")
+    table = ReportTable(title="few-bit GELU: gradient error on the real GELU inputs", title_justify="left", keys=2,
+                        caption="‖q(x) − GELU′(x)‖/‖GELU′(x)‖, weighted: of ∂L/∂x itself (upstream gradient ⊙); "
+                                "N(0,1): what the levels were fitted to")
     _columns(table, ["layer", "bits", "steps", "relative error", "weighted (∂L/∂x)", "expected for N(0,1)"],
              left=("layer",))
     for (layer, bits), rows in groups.items():
