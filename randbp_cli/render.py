@@ -84,7 +84,8 @@ def _table_width(columns, wrap_header: bool) -> int:
 
 def _part(table: Table, columns: list, title: str | None, caption: str | None, wrap_header: bool) -> Table:
     """A copy of `table` with only `columns` (each at a fixed width when headers wrap)."""
-    part = Table(title=title, caption=caption, title_justify=table.title_justify, min_width=None)
+    part = Table(title=title, caption=caption, title_justify=table.title_justify,
+                 caption_justify=table.caption_justify)
     for column in columns:
         part.add_column(column.header, justify=column.justify, no_wrap=not wrap_header,
                         width=_width(column, True) if wrap_header else None)
@@ -110,7 +111,18 @@ def _records(table: Table) -> Text:
 
 
 def fit(table: Table, width: int | None) -> list:
-    """`table` as renderables no wider than `width` (None: any width), every cell whole."""
+    """`table` as renderables no wider than `width` (None: any width), every cell whole, and each
+    title on one line where the width allows it."""
+    return [_title_width(part, width) for part in _fit(table, width)]
+
+
+def _title_width(part, width: int | None):
+    if isinstance(part, Table) and part.title:
+        part.min_width = min(cell_len(str(part.title)), width or 1 << 16)
+    return part
+
+
+def _fit(table: Table, width: int | None) -> list:
     columns = list(table.columns)
     if width is None or _table_width(columns, wrap_header=False) <= width:
         return [table]
@@ -133,10 +145,30 @@ def fit(table: Table, width: int | None) -> list:
 # ---------------------------------------------------------------------------- profile
 
 
-def profile_table(report: ProfileReport) -> Table:
-    """The `randbp profile` table: one row per case, savings and ratios vs exact."""
+# What a run was made under, per report file: where merged reports differ in one of these, the
+# table gets a column for it, so two "exact" rows from two runs never look the same.
+RUN_FIELDS = {
+    "device": lambda report: f"{(report.config or {}).get('device', '?')}",
+    "dtype": lambda report: f"{(report.config or {}).get('dtype', '?')}",
+    "torch": lambda report: f"{(report.environment or {}).get('torch', '?')}",
+    "commit": lambda report: _commit(report.environment or {}),
+}
+
+
+def _commit(environment: dict) -> str:
+    git = environment.get("git") or {}
+    return f"{(git.get('commit') or '?')[:7]}{' dirty' if git.get('dirty') else ''}"
+
+
+def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None = None) -> Table:
+    """The `randbp profile` table: one row per case, savings and ratios vs exact. `merged_from`: the
+    reports `report` merges (`randbp report a.json b.json`): each row then names its file, and what
+    differs between the runs (compile mode, savers, device, dtype, torch, commit) gets a column."""
     results = report.results
     model = report.model or {}
+    origins = [source for source in merged_from or [] for _ in source.results]
+    run_fields = [name for name, get in RUN_FIELDS.items() if len({get(o) for o in merged_from or []}) > 1]
+    show_mode = len({r.compile for r in results}) > 1
     show_cuda = any(r.cuda for r in results)
     show_nvml = any((r.nvml or {}).get("available") for r in results)
     show_peak = any(r.checkpointing for r in results)
@@ -144,19 +176,24 @@ def profile_table(report: ProfileReport) -> Table:
     show_savers = any(r.savers for r in results)
     budget = next((r.budget for r in results if r.budget), None)
     title = f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
-    table = ReportTable(title=title, caption=_profile_caption(report), title_justify="left", keys=3 + show_savers)
-    columns = ["method", "ρ", "sketch", *(["savers"] if show_savers else []), "batch", "seq", "activations MiB",
+    caption = _merged_caption(merged_from) if merged_from else _profile_caption(report)
+    identity = ["report"] * bool(origins) + ["method", "ρ", "sketch"] + ["savers"] * show_savers
+    table = ReportTable(title=title, caption=caption, title_justify="left", keys=len(identity),
+                        caption_justify="left" if merged_from else "center")
+    columns = [*identity, *(["compile"] if show_mode else []), *run_fields, "batch", "seq", "activations MiB",
                "vs exact", *(["compiled MiB"] if show_compiled else [])]
     columns += ["act. peak MiB"] * show_peak + ["CUDA peak MiB"] * show_cuda + ["NVML peak MiB"] * show_nvml
     columns += ["step ms", "time × exact"]
     budget_bytes = (budget or {}).get("budget_bytes")
     columns += [f"max batch ≤ {'?' if budget_bytes is None else f'{budget_bytes / MiB:g}'} MiB"] if budget else []
-    _columns(table, columns, left=("method", "sketch"))
-    for r in results:
+    _columns(table, columns, left=("report", "method", "sketch", "compile", *run_fields))
+    for index, r in enumerate(results):
         saving = r.activation_saving_vs_exact
         baseline = r.method == "exact" and not r.savers
-        row = [r.method, "—" if r.rho is None else f"{r.rho:g}", r.sketch or "—",
-               *([", ".join(r.savers or []) or "—"] if show_savers else []), str(r.batch_size), str(r.seq_len),
+        row = [*([_file_label(origins[index])] if origins else []), r.method, "—" if r.rho is None else f"{r.rho:g}",
+               r.sketch or "—", *([", ".join(r.savers or []) or "—"] if show_savers else []),
+               *([r.compile or "eager"] if show_mode else []), *[RUN_FIELDS[name](origins[index]) for name in run_fields],
+               str(r.batch_size), str(r.seq_len),
                _mib(r.activation_bytes), "baseline" if baseline else ("—" if saving is None else f"{-100 * saving:+.1f}%")]
         if show_compiled:  # what the compiled graphs themselves save (activations MiB: the eager tree)
             row.append(_mib((r.compiled or {}).get("activation_bytes")))
@@ -175,11 +212,19 @@ def profile_table(report: ProfileReport) -> Table:
     return table
 
 
+def _file_label(report: Report) -> str:
+    return Path(report.source).name if report.source else "?"
+
+
+def _count(count, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _profile_caption(report: ProfileReport) -> str:
     config, env = report.config or {}, report.environment or {}
     parts = [f"device {config.get('device', '?')} ({env.get('device_name', '?')})",
              f"dtype {config.get('dtype', '?')}",
-             f"median of {config.get('steps', '?')} steps after {config.get('warmup', '?')} warm-up"]
+             f"median of {_count(config.get('steps', '?'), 'step')} after {config.get('warmup', '?')} warm-up"]
     modes = {r.compile for r in report.results if r.compile}
     if modes:
         parts.append(f"torch.compile mode {', '.join(sorted(modes))}: activations counted on the eager module "
@@ -188,6 +233,13 @@ def _profile_caption(report: ProfileReport) -> str:
     if (config.get("device") or "cpu").startswith("cuda") and not nvml.get("available"):
         parts.append(f"NVML unavailable: {nvml.get('reason', 'unknown')}")
     return "; ".join(parts)
+
+
+def _merged_caption(reports: list[ProfileReport]) -> str:
+    """One line per merged file: its rows' run (each vs exact and time × exact is against its own file's exact)."""
+    lines = [f"{_file_label(r)} ({_count(len(r.results), 'row')}, commit {_commit(r.environment or {})}): "
+             f"{_profile_caption(r)}" for r in reports]
+    return "\n".join(["vs exact and time × exact: against the exact case of the row's own report", *lines])
 
 
 # ---------------------------------------------------------------------------- finetune
@@ -354,7 +406,7 @@ def tables_for(reports: list[Report | BenchmarkOutput]) -> list[Table]:
     """The same rich tables the commands print, for reports of one kind (profiles merged)."""
     kind = one_kind(reports)
     if kind == "profile":
-        return [profile_table(merge_profiles(reports))]
+        return [profile_table(merge_profiles(reports), merged_from=reports if len(reports) > 1 else None)]
     if kind == "finetune":
         return [table for report in reports for table in finetune_tables(report)]
     if kind == "benchmark":
@@ -397,7 +449,7 @@ def table_to_markdown(table: Table) -> str:
     lines = [f"| {' | '.join(headers)} |", f"| {' | '.join(align)} |"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     title = f"**{table.title}**\n\n" if table.title else ""
-    caption = f"\n\n_{table.caption}_" if table.caption else ""
+    caption = "\n\n" + "  \n".join(f"_{line}_" for line in str(table.caption).splitlines()) if table.caption else ""
     return title + "\n".join(lines) + caption
 
 

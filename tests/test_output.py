@@ -120,3 +120,30 @@ def test_fit_keeps_row_styles_when_split():
     table.rows[1].style = "bold red"
     parts = fit(copy.copy(table), 60)
     assert all(part.rows[1].style == "bold red" for part in parts)
+
+
+def test_merged_reports_name_their_files_and_what_differs(tmp_path):
+    """`report eager.json compiled.json` showed two identical-looking "exact" rows and one footer."""
+    eager = json.loads((RESULTS / "profile-roberta-base-cpu.json").read_text())
+    compiled = json.loads((RESULTS / "profile-roberta-base-cpu-compiled.json").read_text())
+    compiled["config"]["dtype"] = "bfloat16"  # as if run in another dtype, too
+    (tmp_path / "eager.json").write_text(json.dumps(eager))
+    (tmp_path / "compiled.json").write_text(json.dumps(compiled))
+    result = invoke(None, "report", tmp_path / "eager.json", tmp_path / "compiled.json", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:2] == ["report", "method"] and {"compile", "dtype", "commit"} <= set(header)
+    assert "device" not in header  # the same in both: no column
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    exact = [row for row in rows if row["method"] == "exact" and row["savers"] == "—" and row["batch"] == "8"]
+    assert {(r["report"], r["compile"], r["dtype"]) for r in exact} == {("eager.json", "eager", "float32"),
+                                                                        ("compiled.json", "default", "bfloat16")}
+    footer = result.stdout.split(lines[-1])[1]
+    assert f"eager.json ({len(eager['results'])} rows, commit {eager['environment']['git']['commit'][:7]}" in footer
+    assert f"compiled.json ({len(compiled['results'])} rows" in footer and "median of 5 steps" in footer
+
+
+def test_one_report_has_no_file_column():
+    result = invoke(None, "report", RESULTS / "profile-roberta-base-cpu.json", "--format", "markdown")
+    assert "| method |" in result.stdout and "report |" not in result.stdout.splitlines()[2]
