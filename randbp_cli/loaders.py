@@ -224,13 +224,13 @@ def load_glue_dir(data_dir: str | Path, spec: TaskSpec) -> TaskData:
 def load_glue_hub(spec: TaskSpec, offline: bool = False) -> TaskData:
     import datasets
 
-    from .models import hub_reachable, no_hub
+    from .models import no_hub, use_hub
 
     def from_datasets():
         return datasets.load_dataset("nyu-mll/glue", spec.name)
 
     data = None
-    if offline or not hub_reachable():
+    if not use_hub(offline):  # unreachable or --offline: the process is offline from here on
         previous = datasets.config.HF_HUB_OFFLINE
         datasets.config.HF_HUB_OFFLINE = True  # the local cache only: no retries against a dead network
         try:

@@ -3,8 +3,12 @@
 `load_model(name)` resolves, in this order:
   1. a local directory: with weights -> pretrained; with only `config.json` -> random init;
   2. the Hugging Face cache (no network);
-  3. the Hub, when it is reachable (a quick connection check first, so an offline machine
-     does not sit through the Hub client's retries);
+  3. the Hub, when it is reachable. Whether it is, is found out once per process, before any
+     library call that might ask it (`hub_reachable`: a name lookup and one connection, bounded
+     in time); when it is not, or with `offline=True`, the whole process switches to the Hub's
+     offline mode (`work_offline`), so no later call in huggingface_hub, transformers or datasets
+     waits on the network or retries (transformers asks the Hub for a PEFT adapter even under
+     `local_files_only=True`), and one line on stderr says so;
   4. a built-in architecture (`configs/*.json`: `roberta-base`, `roberta-tiny`) with random
      weights. Memory and time do not depend on weight values, and the result says which
      weights it was (`weights`: "pretrained" or "random-init") and why.
@@ -22,7 +26,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -73,19 +80,79 @@ class LoadedModel:
         }
 
 
+_hub_reachable: bool | None = None  # found out once per process (see hub_reachable)
+
+
 def hub_reachable(timeout_s: float = 1.5) -> bool:
-    """True when the Hub's host accepts a TCP connection (and offline mode is not set)."""
+    """True when the Hub's host (or the proxy the environment names for it) accepts a TCP connection,
+    and offline mode is not set. Found out once per process, in at most `timeout_s` (a name lookup
+    that hangs included); when the answer is no, the process goes offline (`work_offline`) and one
+    line on stderr says so, so nothing later waits on the network or retries."""
+    global _hub_reachable
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    url = urlparse(constants.ENDPOINT)
+    if _hub_reachable is None:
+        why_not = _probe(constants.ENDPOINT, timeout_s)
+        _hub_reachable = why_not is None
+        if why_not is not None:
+            work_offline()
+            print(f"note: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({why_not}): working "
+                  "offline (local files, the Hugging Face cache, built-in architectures)", file=sys.stderr, flush=True)
+    return _hub_reachable
+
+
+def _probe(endpoint: str, timeout_s: float) -> str | None:
+    """None when `endpoint`'s host, or its proxy, accepts a connection within `timeout_s`; else why not.
+    The attempt runs in a daemon thread, so a name lookup that hangs costs `timeout_s`, not the
+    resolver's own timeouts."""
+    url = urlparse(endpoint)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
+    if not host:
+        return f"no host name in {endpoint!r}"
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):  # the Hub client goes through it too
+        proxy_url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        if proxy_url.hostname:
+            host, port = proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    answer: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                answer.append(None)
+        except OSError as err:
+            answer.append(getattr(err, "strerror", None) or str(err) or type(err).__name__)
+
+    thread = threading.Thread(target=attempt, name="randbp-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return answer[0] if answer else f"no answer within {timeout_s:g} s"
+
+
+def work_offline() -> None:
+    """Put this process, and the processes it starts, in the Hub's offline mode: huggingface_hub,
+    transformers and datasets then read local files only, without a request or a retry."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True  # what huggingface_hub and transformers (is_offline_mode) read
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:  # (imported later, datasets reads the environment)
+        datasets_config.HF_HUB_OFFLINE = datasets_config.HF_DATASETS_OFFLINE = True
+    transformers_hub = sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None and hasattr(transformers_hub, "_is_offline_mode"):  # transformers 4.x's own flag
+        transformers_hub._is_offline_mode = True
+
+
+def use_hub(offline: bool = False) -> bool:
+    """May this process use the Hub? Not with `offline` (--offline) or when it cannot be reached; either
+    way the process is then offline, so no library call waits on the network."""
+    if offline:
+        work_offline()
         return False
+    return hub_reachable()
 
 
 def no_hub(offline: bool) -> str:
@@ -202,6 +269,7 @@ def load_model(name: str, *, num_labels: int = 2, attn_implementation: str | Non
     if path.suffix == ".json" and path.is_file():
         model = _from_config(path, num_labels, attn_implementation, dtype, seed)
         return LoadedModel(model, str(path), "local-config", "random-init", "built from a config file: random weights")
+    online = use_hub(offline)  # before any call that could ask the Hub (and retry)
     try:  # the Hugging Face cache, without touching the network
         model = auto.from_pretrained(name, local_files_only=True, **kwargs)
     except _LOAD_ERRORS:
@@ -209,7 +277,7 @@ def load_model(name: str, *, num_labels: int = 2, attn_implementation: str | Non
     if model is not None:
         refuse_unsupported(model.config, name)
         return LoadedModel(model, name, "hf-cache", "pretrained", "checkpoint from the Hugging Face cache")
-    if not offline and hub_reachable():
+    if online:
         try:
             model = auto.from_pretrained(name, **kwargs)
         except _LOAD_ERRORS as err:
