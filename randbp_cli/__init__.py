@@ -8,16 +8,27 @@ Library:
 
     model = apply_savers(model, ["dropout", "gelu:2"])      # seed dropout, 2-bit GELU backward
     model = restore_savers(model)
+
+The names are imported when first used, so `import randbp_cli` (and the `randbp` command's
+start, `randbp --help`) does not import torch.
 """
 
-from .convert import convert, converted_names, describe_conversion, restore, select_linears, skipped_linears
-from .errors import ConfigError, RandbpError
-from .layers import RandomizedLinear, RandomizedLinearFunction, randomized_linear
-from .memory import SavedTensorCounter, count_saved_bytes, live_bytes_after
-from .savers import apply_savers, describe_savers, restore_savers, saver_names
-from .sketches import Sketch, get_sketch, sketch_names, sketch_rows
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(["convert", "converted_names", "describe_conversion", "restore", "select_linears",
+                     "skipped_linears"], "convert"),
+    **dict.fromkeys(["ConfigError", "RandbpError"], "errors"),
+    **dict.fromkeys(["RandomizedLinear", "RandomizedLinearFunction", "randomized_linear"], "layers"),
+    **dict.fromkeys(["SavedTensorCounter", "count_saved_bytes", "live_bytes_after"], "memory"),
+    **dict.fromkeys(["apply_savers", "describe_savers", "restore_savers", "saver_names"], "savers"),
+    **dict.fromkeys(["Sketch", "get_sketch", "sketch_names", "sketch_rows"], "sketches"),
+}
 
 __all__ = [
     "ConfigError", "RandbpError", "RandomizedLinear", "RandomizedLinearFunction", "SavedTensorCounter",
@@ -25,3 +36,29 @@ __all__ = [
     "describe_savers", "get_sketch", "live_bytes_after", "randomized_linear", "restore", "restore_savers", "saver_names",
     "select_linears", "sketch_names", "sketch_rows", "skipped_linears", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `randbp_cli.convert` binds it as the package's attribute `convert`,
+    which is the function `convert`: the function keeps the name, as when it was imported eagerly."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name, value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

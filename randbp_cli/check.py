@@ -160,8 +160,9 @@ def compare_reports(current: ProfileReport, baseline: ProfileReport, *, toleranc
     base = {case_key(baseline, r): r for r in baseline.results}
     common = [k for k in base if k in now]
     if not common:
-        raise ReportError("the reports have no case in common (model, method, ρ, sketch, batch, seq, dtype, "
-                          "device): profile the baseline's configuration, or --update the baseline on purpose")
+        raise ReportError("the reports have no case in common (model, method, ρ, sketch, savers, compile mode, "
+                          f"batch, seq, dtype, device; the baseline's first: {describe_key(next(iter(base)))}): "
+                          "profile the baseline's configuration, or --update the baseline on purpose")
     missing = [k for k in base if k not in now]
     if missing:
         shown = "; ".join(describe_key(k) for k in missing[:3])

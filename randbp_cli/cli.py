@@ -6,11 +6,13 @@ Every user mistake becomes one line on stderr and an exit code (2 usage, 1 runti
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -20,24 +22,22 @@ try:  # typer >= 0.29 vendors click and raises its own exception types
 except ImportError:  # older typer: plain click
     from click import ClickException as _UsageError
 
-from . import __version__, distributed
-from .check import compare_reports, parse_tolerance, require_judgeable
-from .cli_console import note, one_line, phase_progress, print_tables, stop_on_signals, training_progress
-from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt, DeviceOpt,
-                          DtypeOpt, ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt, MaxLengthOpt,
-                          MaxTrainOpt, ModelOpt, OfflineOpt, OutputOpt, SaverOpt, SeedOpt, TaskOpt, TextColumnsOpt,
-                          TolerancePeakOpt, ToleranceTimeOpt, TrainFileOpt, ValidationFileOpt, command_line,
-                          data_options, torchrun_environment)
-from .distributed import Distributed
-from .errors import ConfigError, RandbpError
-from .finetune import finetune_model
-from .methods import DEFAULT_SKETCH
-from .plans import FinetuneConfig, FinetunePlan, ProfileConfig, VarianceConfig
-from .profiling import profile_model
-from .render import check_image_path, check_plottable, check_table, plottable, table_to_markdown, tables_for, write_plot
-from .files import check_writable, to_json, write_json_atomic
+from . import __version__
+from .cli_options import (DEFAULT_SKETCH, SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt,
+                          DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt,
+                          MaxLengthOpt, MaxTrainOpt, ModelOpt, OfflineOpt, OutputOpt, SaverOpt, SeedOpt, TaskOpt,
+                          TextColumnsOpt, ToleranceActivationOpt, TolerancePeakOpt, ToleranceTimeOpt, TrainFileOpt, ValidationFileOpt,
+                          command_line, data_options, note, one_line, torchrun_environment)
+from .errors import ConfigError, OutputError, RandbpError, ReportWriteError
 from .report import PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, load_report
-from .variance import measure_variance
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
+    from .plans import FinetunePlan
+
+# The commands import what they run (torch, transformers, rich's progress bars: seconds) inside
+# their bodies, so that `randbp --help`, `--version` and usage errors start in a fraction of a
+# second (tests/test_offline.py holds that). Only this light layer is imported at the top.
 
 
 class _OneLineErrors(TyperGroup):
@@ -54,17 +54,27 @@ class _OneLineErrors(TyperGroup):
                 typer.echo(ctx.get_help(), err=True)
             else:
                 where = ctx.command_path if ctx is not None else "randbp"
-                self._say(f"{where}: error: {one_line(err.format_message())}")
+                hint = _repeat_hint(err, list(sys.argv[1:] if args is None else args))
+                self._say(f"{where}: error: {one_line(err.format_message())}{hint}")
             code = err.exit_code
-        except typer.Abort:
+        except typer.Abort:  # Ctrl-C where nothing could be kept (before a run had measured anything)
             typer.echo("randbp: aborted", err=True)
-            code = 1
+            code = 130
         except RandbpError as err:
             self._say(f"randbp: error: {one_line(str(err))}", rank_local=err.rank_local)
             code = err.exit_code
+        if code == 130:  # interrupted: a further Ctrl-C must not break the exit handlers into tracebacks
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C outside the loops that keep what finished (e.g. loading a model)
+            self._say("randbp: interrupted before anything was measured; nothing written")
+            raise typer.Exit(130) from None
 
     @staticmethod
     def _say(message: str, rank_local: bool = False) -> None:
@@ -75,6 +85,21 @@ class _OneLineErrors(TyperGroup):
             typer.echo(message, err=True)
         elif rank_local:
             typer.echo(f"rank {torchrun.rank}: {message}", err=True)
+
+
+def _repeat_hint(err, args: list[str]) -> str:
+    """For `--rho 0.5,0.1` on an option that repeats: say how to give several values."""
+    param = getattr(err, "param", None)
+    if param is None or not getattr(param, "multiple", False):
+        return ""
+    for index, token in enumerate(args):
+        option, _, value = token.partition("=")
+        if option in param.opts and not value and index + 1 < len(args):
+            value = args[index + 1]
+        if option in param.opts and "," in value:
+            return "; repeat the option for several values (" + " ".join(
+                f"{option} {part.strip()}" for part in value.split(",") if part.strip()) + ")"
+    return ""
 
 
 app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
@@ -96,39 +121,61 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 def _quiet_libraries() -> None:
-    """Keep third-party chatter (weight-init warnings, download bars) off our stderr."""
-    import transformers
+    """Keep third-party chatter (weight-init warnings, download bars) off our stderr. Importing
+    transformers and datasets takes seconds that `report`, `check` and `--help` do not need: they
+    read the same settings from the environment when a command imports them (and so do the
+    processes a command starts); only those already imported are told directly."""
+    os.environ.update(TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                      HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    if "transformers" in sys.modules:
+        transformers = sys.modules["transformers"]
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        datasets = sys.modules["datasets"]
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:  # a declared dependency, but `profile` and `report` do not need it
-        import datasets
-    except ImportError:
-        return
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
+def _deliver(report: Report, output: Optional[Path], json_output: bool, plot: Optional[Path] = None) -> None:
+    """The end of every run: the command line into the report; the report printed (one JSON document,
+    or the command's tables) *before* anything is written, so a failed write loses nothing on screen;
+    then the report (and plot) written. A report that cannot be written where asked is saved in the
+    working directory instead (said on stderr, and the command exits 1)."""
+    from .files import to_json, write_json_atomic
+    from .cli_console import print_tables
+    from .render import plottable, tables_for, write_plot
 
-def _deliver(report: Report, output: Optional[Path], json_output: bool, plot: Optional[Path] = None,
-             announce: bool = True) -> None:
-    """The end of every run: the command line into the report, the report (and plot) written,
-    then the report printed, as one JSON document or as the command's tables."""
     report.command = command_line()
-    if output is not None:
-        write_json_atomic(output, report.to_dict())
-    if plot is not None and plottable([report]):
-        write_plot([report], plot)
-    elif plot is not None:
-        note(f"nothing measured: no plot written to {plot}")
     if json_output:
         typer.echo(to_json(report.to_dict()))
-        return
-    print_tables(tables_for([report]))
-    if output is not None and announce:
+    else:
+        print_tables(tables_for([report]))
+    if output is not None:
+        try:
+            write_json_atomic(output, report.to_dict())
+        except (OutputError, ReportWriteError) as err:
+            raise ReportWriteError(f"{err}; {_saved_elsewhere(report)}") from None
         note(f"report written to {output}")
+    if plot is not None and plottable([report]):
+        write_plot([report], plot)
+        note(f"plot written to {plot}")
+    elif plot is not None:
+        note(f"nothing measured: no plot written to {plot}")
+
+
+def _saved_elsewhere(report: Report) -> str:
+    from .files import write_fallback
+
+    try:
+        return f"the report was saved to {write_fallback(report.to_dict(), report.KIND)} instead"
+    except RandbpError as err:
+        return f"nor could it be saved in the working directory ({err})"
 
 
 def _tolerances(peak: str, time: Optional[str], activation: str = "0") -> dict:
+    from .check import parse_tolerance
+
     return {"tolerance_peak": parse_tolerance(peak, "--tolerance-peak"),
             "tolerance_time": parse_tolerance(time, "--tolerance-time"),
             "tolerance_activation": parse_tolerance(activation, "--tolerance-activation")}
@@ -137,6 +184,11 @@ def _tolerances(peak: str, time: Optional[str], activation: str = "0") -> dict:
 def _judge(current: ProfileReport, baseline: ProfileReport, tolerances: dict, *, quiet: bool,
            show_all: bool = False, json_result: bool = False) -> NoReturn:
     """The gate: warnings and the verdict on stderr, what moved on stdout (unless quiet); exit 1 on a regression."""
+    from .check import compare_reports
+    from .cli_console import print_tables
+    from .files import to_json
+    from .render import check_table
+
     result = compare_reports(current, baseline, **tolerances)
     if json_result:
         typer.echo(to_json(result.to_dict()))
@@ -191,10 +243,16 @@ def profile(
                                                   "(as `randbp check`): exit 1 on a regression.")] = None,
     tolerance_peak: TolerancePeakOpt = "5%",
     tolerance_time: ToleranceTimeOpt = None,
+    tolerance_activation: ToleranceActivationOpt = "0",
     json_output: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
     """Activation memory and step time of exact vs randomized backprop on a model."""
+    from .cli_console import phase_progress, stop_on_signals
+    from .files import check_writable
+    from .plans import ProfileConfig
+    from .profiling import profile_model
+
     plan = ProfileConfig(model=model, rhos=rho or [0.5], sketches=sketch or [DEFAULT_SKETCH],
                          methods=method or ["randomized"], budget_mib=budget_mib, batch_sizes=batch_size or [8],
                          seq_len=seq_len, device=device, dtype=dtype, steps=steps, warmup=warmup, seed=seed,
@@ -207,10 +265,14 @@ def profile(
         baseline = load_report(check, PROFILE_SCHEMA, if_missing=(
             f"create it on purpose, with -o {shlex.quote(str(check))} instead of --check, or with randbp check "
             f"CURRENT --baseline {shlex.quote(str(check))} --update"))
-        tolerances = _tolerances(tolerance_peak, tolerance_time)
-    with phase_progress(plan.total_steps) as progress:
-        report = profile_model(plan, progress)
+        tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
+    with stop_on_signals() as stop, phase_progress(plan.total_steps) as progress:
+        report = profile_model(plan, progress, stop)
     _deliver(report, output, json_output)
+    if report.status == "interrupted":
+        note("interrupted: the report holds the cases measured before the stop"
+             + ("; not judged against the baseline" if check is not None else ""))
+        raise typer.Exit(130)
     if check is not None:
         _judge(report, baseline, tolerances, quiet=json_output)
 
@@ -221,19 +283,23 @@ def check(
     baseline: Annotated[Path, typer.Option("--baseline", help="The committed baseline profile report.")],
     tolerance_peak: TolerancePeakOpt = "5%",
     tolerance_time: ToleranceTimeOpt = None,
-    tolerance_activation: Annotated[str, typer.Option(help="Allowed activation-byte growth (exact by "
-                                                      "default: the number is deterministic).")] = "0",
+    tolerance_activation: ToleranceActivationOpt = "0",
     update: Annotated[bool, typer.Option(help="Rewrite the baseline from CURRENT (on purpose only).")] = False,
     show_all: Annotated[bool, typer.Option(help="List every compared metric, not only what moved.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Compare a profile report with a baseline: exit 1 if memory regressed, 2 on usage problems."""
+    from .check import require_judgeable
+    from .files import write_json_atomic
+
     tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
     report = load_report(current, PROFILE_SCHEMA)
     if update:
         require_judgeable(report)  # a baseline without the guarded numbers would fail every later check
+        existed = baseline.exists()
         write_json_atomic(baseline, report.to_dict())
-        note(f"baseline {baseline} rewritten from {current} ({len(report.results)} cases)")
+        note(f"baseline {baseline} {'rewritten' if existed else 'created'} from {current} "
+             f"({len(report.results)} cases)")
         return
     create = f"randbp check {shlex.quote(str(current))} --baseline {shlex.quote(str(baseline))} --update"
     _judge(report, load_report(baseline, PROFILE_SCHEMA, if_missing=f"create it on purpose with: {create}"), tolerances,
@@ -252,6 +318,10 @@ def report(
     output_format: Annotated[str, typer.Option("--format", help="table (rich) or markdown.")] = "table",
 ) -> None:
     """Render saved reports as the commands' tables, as Markdown, or as a plot."""
+    from .cli_console import print_tables
+    from .files import check_writable
+    from .render import check_image_path, check_plottable, table_to_markdown, tables_for, write_plot
+
     if output_format not in ("table", "markdown"):
         raise ConfigError(f"--format must be table or markdown (got {output_format!r})")
     reports = [load_report(path) for path in files]
@@ -317,6 +387,8 @@ def finetune(
     Several GPUs or machines: launch it with torchrun (torchrun --nproc-per-node N -m randbp_cli
     finetune ...); --batch-size is per process.
     """
+    from .plans import FinetuneConfig
+
     plan = FinetuneConfig(
         **data_options(task, model, data_dir, train_file, validation_file, text_columns, label_column,
                        max_train_samples, max_eval_samples, offline),
@@ -343,6 +415,11 @@ def finetune(
 def _finetune_on_this_rank(plan: FinetunePlan, backend: str,
                            output: Optional[Path]) -> tuple[FinetuneReport, Distributed]:
     """Join torchrun's process group when torchrun launched us, fine-tune on this rank, leave the group."""
+    from . import distributed
+    from .cli_console import stop_on_signals, training_progress
+    from .files import check_writable
+    from .finetune import finetune_model
+
     torchrun = torchrun_environment()
     if output is not None and torchrun.rank == 0:  # rank 0 alone writes the report
         check_writable(output)
@@ -397,6 +474,12 @@ def variance(
     output: OutputOpt = None,
 ) -> None:
     """Randomized vs mini-batch (SGD) gradient variance, per layer and sketch, on real batches."""
+    from .cli_console import stop_on_signals, training_progress
+    from .files import check_writable
+    from .plans import VarianceConfig
+    from .render import check_image_path
+    from .variance import measure_variance
+
     plan = VarianceConfig(
         **data_options(task, model, data_dir, train_file, validation_file, text_columns, label_column,
                        max_train_samples, max_eval_samples, offline),
@@ -410,7 +493,7 @@ def variance(
         check_image_path(plot)
     with stop_on_signals() as stop, training_progress(stop) as callbacks:
         report = measure_variance(plan, callbacks)
-    _deliver(report, output, json_output, plot=plot, announce=False)  # variance never said where it wrote
+    _deliver(report, output, json_output, plot=plot)
     if report.status == "interrupted":
         note("interrupted: the report holds what finished")
         raise typer.Exit(130)

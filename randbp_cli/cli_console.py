@@ -11,11 +11,11 @@ import signal
 import sys
 from contextlib import contextmanager
 
-import typer
 from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .cli_options import note
 from .engine import TrainCallbacks
 from .render import fit
 
@@ -40,13 +40,6 @@ def print_tables(tables) -> None:
             console.print(part, soft_wrap=isinstance(part, Text))
 
 
-def note(message: str) -> None:
-    """A plain line on stderr (never wrapped or styled: logs and tests read it)."""
-    typer.echo(message, err=True)
-
-
-def one_line(message: str) -> str:
-    return " ".join(message.split())
 
 
 def _bar(*columns, disable: bool = False) -> Progress:
@@ -60,7 +53,7 @@ def phase_progress(total: int):
     """A bar on stderr; yields the engine's `progress(description, done)` callback.
     Not a terminal (a CI log): one plain line per phase instead of a bar."""
     if not err_console.is_terminal:
-        yield lambda description, done: note(f"[{done}/{total}] {description}")
+        yield lambda description, done: note(f"[{done}/{total} steps] {description}")
         return
     with _bar() as bar:
         task = bar.add_task("starting", total=total)
@@ -85,7 +78,7 @@ def training_progress(should_stop, enabled: bool = True):
     def on_run_start(name, total):
         tasks[name], totals[name] = bar.add_task(name, total=total), total
         if not err_console.is_terminal:
-            note(f"{name}: {total} steps" if total else f"{name}: starting")
+            note(f"{name}: {total} steps" if total else f"{name}: measuring the first batch (no training steps)")
 
     def on_step(name, step, loss, lr):
         bar.update(tasks[name], completed=step, description=f"{name}  loss {loss:.4f}  lr {lr:.2e}")
@@ -108,7 +101,8 @@ def training_progress(should_stop, enabled: bool = True):
 
 @contextmanager
 def stop_on_signals():
-    """SIGINT/SIGTERM ask training to stop after the current step; a second SIGINT aborts at once."""
+    """SIGINT/SIGTERM ask the run to stop after the current step (it keeps what finished); a second
+    SIGINT interrupts the step itself."""
     state = {"stop": False}
 
     def handler(signum, frame):
@@ -121,4 +115,6 @@ def stop_on_signals():
         yield lambda: state["stop"]
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            # once asked to stop, the command is ending: a further Ctrl-C while it writes what it kept
+            # (or in the interpreter's exit handlers) would only lose the report or print a traceback
+            signal.signal(sig, signal.SIG_IGN if state["stop"] and sig == signal.SIGINT else old)

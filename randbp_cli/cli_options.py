@@ -14,12 +14,15 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import RandbpError
-from .methods import DEFAULT_SKETCH
-from .sketches import sketch_names
 
-SKETCHES_HELP = (f"Sketch: {', '.join(sketch_names())}. Repeat the option for several (--sketch gaussian --sketch "
+# sketches.py's names and default, written out so that the options (and `randbp --help`) need no torch;
+# tests/test_offline.py checks they are the library's
+DEFAULT_SKETCH = "balanced"
+SKETCH_NAMES = ("balanced", "gaussian", "rademacher", "countsketch", "srht", "crs", "wta-crs")
+
+SKETCHES_HELP = (f"Sketch: {', '.join(SKETCH_NAMES)}. Repeat the option for several (--sketch gaussian --sketch "
                  f"countsketch). [default: {DEFAULT_SKETCH}]")
-SKETCH_HELP = f"Sketch: {', '.join(sketch_names())}."
+SKETCH_HELP = f"Sketch: {', '.join(SKETCH_NAMES)}."
 
 # every command
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the JSON report to this file "
@@ -47,6 +50,8 @@ CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode 
 TolerancePeakOpt = Annotated[str, typer.Option(help="Allowed CUDA peak growth, e.g. 5% or 0.05.")]
 ToleranceTimeOpt = Annotated[Optional[str], typer.Option(help="Allowed step-time growth; without it time is "
                                                               "informational.")]
+ToleranceActivationOpt = Annotated[str, typer.Option(help="Allowed activation-byte growth (exact by default: the "
+                                                          "number is deterministic).")]
 
 # finetune and variance (the same data and model sources)
 TaskOpt = Annotated[str, typer.Option(help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or "
@@ -67,6 +72,16 @@ TextColumnsOpt = Annotated[Optional[str], typer.Option(help="With --train-file: 
 LabelColumnOpt = Annotated[str, typer.Option(help="With --train-file: the label column.")]
 MaxTrainOpt = Annotated[Optional[int], typer.Option(help="Use only the first N training examples.")]
 MaxEvalOpt = Annotated[Optional[int], typer.Option(help="Use only the first N evaluation examples.")]
+
+
+def one_line(message: str) -> str:
+    """A message as one line (the CLI's errors are one stderr line each)."""
+    return " ".join(message.split())
+
+
+def note(message: str) -> None:
+    """A plain line on stderr (never wrapped or styled: logs and tests read it)."""
+    typer.echo(message, err=True)
 
 
 def _split_columns(value: Optional[str]) -> Optional[list[str]]:

@@ -21,8 +21,9 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> dict | None:
-    """The commit the code ran from, and whether tracked files other than results/ differ from it
-    (regenerating one result after another must not make the later ones look dirty)."""
+    """The commit the code ran from, and whether the code differs from it: tracked files other than
+    results/, the tests, docs/ and Markdown (regenerating one result after another, or editing the
+    README while a benchmark runs, must not make a result look as if other code had made it)."""
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
@@ -30,7 +31,7 @@ def _git_commit() -> dict | None:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+                                ":(exclude)results", ":(exclude)tests", ":(exclude)docs", ":(exclude,glob)**/*.md"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(dirty)}

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def write_json_atomic(path: str | Path, data: dict) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
     return Path(path)
+
+
+def write_fallback(data: dict, kind: str) -> Path:
+    """Save a report that could not be written where asked: `randbp-KIND-YYYYmmdd-HHMMSS.json` in the
+    working directory (a free name: `-2`, `-3` … appended), so a finished run is never lost."""
+    stem = f"randbp-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for attempt in range(1, 100):
+        path = Path(f"{stem}{'' if attempt == 1 else f'-{attempt}'}.json")
+        if not path.exists():
+            return write_json_atomic(path, data)
+    raise ReportWriteError(f"no free file name {stem}-N.json in the working directory")
 
 
 def _json_default(value):

@@ -148,6 +148,20 @@ class ProfileConfig:
             raise ConfigError(f"--steps must be at least 1 (got {self.steps})")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be 0 or more (got {self.warmup})")
+        _check_attention(self.attn_implementation)
+
+
+def _check_attention(name: str | None) -> None:
+    """An attention kernel transformers knows (or a Hub kernel, `org/repo`), refused before the model is
+    built: transformers' own message is longer than a line and would lose the list of choices."""
+    if name is None or "/" in name:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    valid = ["eager", *sorted(key for key in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in key)]
+    if name not in valid:
+        raise ConfigError(f"--attn-implementation {name!r} is not one of {', '.join(valid)} (or a Hub kernel, "
+                          "org/repo); flash_attention_* needs its package and a GPU")
 
 
 @dataclass(frozen=True)
@@ -278,6 +292,21 @@ class FinetuneConfig:
             raise ConfigError(f"warm-up ratio must be in [0, 1) (got {self.warmup_ratio})")
         if (self.train_file is None) != (self.validation_file is None):
             raise ConfigError("give both --train-file and --validation-file")
+        self._check_data_options()
+
+    def _check_data_options(self) -> None:
+        """Refuse data options the chosen data never reads (silently ignoring them would mislead)."""
+        if self.custom_data:
+            return
+        ignored = {"--text-columns": self.text_columns, "--label-column": self.label_column != "label"}
+        if self.task == "synthetic":
+            ignored["--data-dir"] = self.data_dir
+        for option, given in ignored.items():
+            if given:
+                needs = ("a GLUE task" if option == "--data-dir"
+                         else "your own data (--train-file and --validation-file)")
+                raise ConfigError(f"{option} applies to {needs}; --task {self.task} has its own columns and "
+                                  "data: leave it out")
 
 
 @dataclass

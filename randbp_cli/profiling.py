@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import signal
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ from .models import LoadedModel, check_methods_supported, load_model, max_sequen
 from .plans import ProfileCase, ProfileConfig, ProfilePlan
 from .report import ProfileReport, ProfileResult
 
+StopCheck = Optional[Callable[[], bool]]  # asked between steps: True ends the run, keeping what finished
 CHECKPOINT_NOTE = ("each unit's input is kept; one unit at a time is recomputed in backward "
                    "(reentrant torch.utils.checkpoint)")
 COMPILED_NOTE = ("activation_bytes (and by kind, by module) are counted on the eager module tree the compiled "
@@ -144,37 +147,55 @@ def _case_result(case: ProfileCase, plan: ProfilePlan, model_name: str, measured
 
 
 def _profile_in_process(model: nn.Module, model_name: str, plan: ProfilePlan, cases: tuple[ProfileCase, ...],
-                        progress: Progress | None) -> list[ProfileResult]:
+                        progress: Progress | None, should_stop: StopCheck = None) -> tuple[list[ProfileResult], bool]:
+    """Every case of `cases` measured in this process; the results, and whether a stop request
+    (`should_stop()` true between steps, or Ctrl-C inside one) cut the run short: then the results
+    hold the cases whose memory was measured, timed by the rounds that finished."""
     progress = progress or (lambda description, done: None)
+    should_stop = should_stop or (lambda: False)
     profiler, config = _Profiler(model, plan), plan.config
     engine = profiler.engine
     done, results = 0, []
-    for case in cases:
-        progress(f"memory: {case.label}", done)
-        engine.apply(case.method)
-        results.append(_case_result(case, plan, model_name, profiler.measure_memory(case)))
-        done += plan.warmup_steps + 1 + (plan.device.type == "cuda")
     samples: list[list[float]] = [[] for _ in cases]
-    for round_index in range(config.steps):
-        for case, case_samples in zip(cases, samples):
-            progress(f"timing round {round_index + 1}/{config.steps}: {case.label}", done)
+    try:
+        for case in cases:
+            if should_stop():
+                raise KeyboardInterrupt
+            progress(f"memory: {case.label}", done)
             engine.apply(case.method)
-            case_samples.append(engine.timed_step(profiler.batches[case.batch_size]))
-            done += 1
+            results.append(_case_result(case, plan, model_name, profiler.measure_memory(case)))
+            done += plan.warmup_steps + 1 + (plan.device.type == "cuda")
+        for round_index in range(config.steps):
+            for case, case_samples in zip(cases, samples):
+                if should_stop():
+                    raise KeyboardInterrupt
+                progress(f"timing round {round_index + 1}/{config.steps}: {case.label}", done)
+                engine.apply(case.method)
+                case_samples.append(engine.timed_step(profiler.batches[case.batch_size]))
+                done += 1
+    except KeyboardInterrupt:  # keep what finished; the step that was cut off counts for nothing
+        for result, case_samples in zip(results, samples):
+            result.step_time_s = summarize_times(case_samples) if case_samples else None
+        return results, True
     for result, case_samples in zip(results, samples):
         result.step_time_s = summarize_times(case_samples)
     if plan.budget_bytes is not None:
         seen = set()
-        for result, case in zip(results, cases):
-            if case.method in seen:
-                continue
-            seen.add(case.method)
-            progress(f"budget {config.budget_mib:g} MiB: {case.label}", done)
-            engine.apply(case.method)
-            result.budget = profiler.largest_batch_within(case, plan.budget_bytes)
+        try:
+            for result, case in zip(results, cases):
+                if case.method in seen:
+                    continue
+                if should_stop():
+                    raise KeyboardInterrupt
+                seen.add(case.method)
+                progress(f"budget {config.budget_mib:g} MiB: {case.label}", done)
+                engine.apply(case.method)
+                result.budget = profiler.largest_batch_within(case, plan.budget_bytes)
+        except KeyboardInterrupt:
+            return results, True
     engine.apply(EXACT)
     progress("done", done)
-    return results
+    return results, False
 
 
 def _load(plan: ProfilePlan) -> LoadedModel:
@@ -186,7 +207,7 @@ def _load(plan: ProfilePlan) -> LoadedModel:
 def _isolated_case(plan: ProfilePlan, case: ProfileCase) -> ProfileResult:
     """Entry point of a fresh process for one case (`isolate=True`)."""
     loaded = _load(plan)
-    return _profile_in_process(loaded.model, loaded.name, plan, (case,), None)[0]
+    return _profile_in_process(loaded.model, loaded.name, plan, (case,), None)[0][0]
 
 
 def _transformers_chatter() -> tuple[int, bool]:
@@ -196,8 +217,10 @@ def _transformers_chatter() -> tuple[int, bool]:
     return logging.get_verbosity(), logging.is_progress_bar_enabled()
 
 
-def _chatter_as(verbosity: int, bars: bool) -> None:
-    """A fresh process says as much as its parent (the CLI quiets transformers' loading report and bars)."""
+def _worker_init(verbosity: int, bars: bool) -> None:
+    """A fresh process says as much as its parent (the CLI quiets transformers' loading report and
+    bars) and leaves Ctrl-C to the parent, which stops between cases or, pressed twice, ends this one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from transformers.utils import logging
 
     logging.set_verbosity(verbosity)
@@ -205,24 +228,33 @@ def _chatter_as(verbosity: int, bars: bool) -> None:
         logging.disable_progress_bar()
 
 
-def _profile_isolated(plan: ProfilePlan, progress: Progress | None) -> list[ProfileResult]:
+def _profile_isolated(plan: ProfilePlan, progress: Progress | None,
+                      should_stop: StopCheck = None) -> tuple[list[ProfileResult], bool]:
     context = multiprocessing.get_context("spawn")
     results = []
     per_case = plan.total_steps // len(plan.cases)
     for i, case in enumerate(plan.cases):
+        if should_stop and should_stop():
+            return results, True
         if progress:
             progress(f"isolated process: {case.label}", i * per_case)
-        with context.Pool(1, initializer=_chatter_as, initargs=_transformers_chatter()) as pool:
-            results.append(pool.apply(_isolated_case, (plan, case)))
+        with context.Pool(1, initializer=_worker_init, initargs=_transformers_chatter()) as pool:
+            try:
+                results.append(pool.apply(_isolated_case, (plan, case)))
+            except KeyboardInterrupt:  # leaving the block terminates the worker
+                return results, True
             pool.close()  # let the worker exit, rather than terminate() it: no leaked semaphores reported
             pool.join()
     if progress:
         progress("done", len(plan.cases) * per_case)
-    return results
+    return results, False
 
 
-def profile_model(plan: ProfilePlan, progress: Progress | None = None) -> ProfileReport:
-    """Measure every case of `plan`; the `randbp.profile/1` report."""
+def profile_model(plan: ProfilePlan, progress: Progress | None = None,
+                  should_stop: StopCheck = None) -> ProfileReport:
+    """Measure every case of `plan`; the `randbp.profile/1` report. `should_stop()`, asked between
+    steps, ends the run early (so does Ctrl-C): the report then holds the cases measured so far and
+    `status` "interrupted"."""
     config = plan.config
     loaded = _load(plan)
     limit = max_sequence_length(loaded.model)
@@ -232,12 +264,14 @@ def profile_model(plan: ProfilePlan, progress: Progress | None = None) -> Profil
     select_linears(loaded.model, config.include, config.exclude)  # a pattern that matches nothing fails now
     check_methods_supported(loaded.model, [case.method for case in plan.cases])
     if config.isolate:
-        results = _profile_isolated(plan, progress)
+        results, interrupted = _profile_isolated(plan, progress, should_stop)
     else:
-        results = _profile_in_process(loaded.model, loaded.name, plan, plan.cases, progress)
+        results, interrupted = _profile_in_process(loaded.model, loaded.name, plan, plan.cases, progress,
+                                                   should_stop)
     _add_comparisons(results)
-    return ProfileReport(environment=environment(plan.device), config=plan.config_record(),
-                         model={**loaded.describe(), "max_seq_len": limit}, results=results)
+    return ProfileReport(status="interrupted" if interrupted else None, environment=environment(plan.device),
+                         config=plan.config_record(), model={**loaded.describe(), "max_seq_len": limit},
+                         results=results)
 
 
 def run_profile(config: ProfileConfig, progress: Progress | None = None) -> dict:
@@ -259,8 +293,8 @@ def _add_comparisons(results: list[ProfileResult]) -> None:
             rho = 1.0 if r.rho is None else r.rho
             # the most sketching can save: every input kept only by linear layers shrinks to ρ of itself
             r.activation_limit_bytes = base.activation_bytes - (1 - rho) * linear_only
-        base_time = base.step_time_s["median"]
-        r.time_ratio_vs_exact = (r.step_time_s["median"] / base_time) if base_time else None
+        base_time, time = (base.step_time_s or {}).get("median"), (r.step_time_s or {}).get("median")
+        r.time_ratio_vs_exact = time / base_time if base_time and time is not None else None
     # what each part of checkpoint+randomized contributed, against plain checkpointing
     checkpoint = {(r.batch_size, tuple(r.savers or ())): r for r in results if r.method == "checkpoint"}
     for r in results:

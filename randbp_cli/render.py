@@ -175,7 +175,8 @@ def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None
     show_compiled = any(r.compiled for r in results)
     show_savers = any(r.savers for r in results)
     budget = next((r.budget for r in results if r.budget), None)
-    title = f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
+    title = (f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
+             + (", interrupted: the cases measured before the stop" if report.status == "interrupted" else ""))
     caption = _merged_caption(merged_from) if merged_from else _profile_caption(report)
     identity = ["report"] * bool(origins) + ["method", "ρ", "sketch"] + ["savers"] * show_savers
     table = ReportTable(title=title, caption=caption, title_justify="left", keys=len(identity),

@@ -168,6 +168,7 @@ _MODEL = {"name": str, "weights": str}
 
 @dataclass(kw_only=True)
 class ProfileReport(Report):
+    status: str | None = None  # "interrupted" when a stop request cut the run short; left out when complete
     environment: dict | None = None
     config: dict | None = None
     model: dict | None = None
@@ -176,7 +177,7 @@ class ProfileReport(Report):
 
     SCHEMA, KIND, MAIN = PROFILE_SCHEMA, "profile", "results"
     ROWS = {"results": ProfileResult}
-    OMIT_IF_NONE = frozenset({"command"})
+    OMIT_IF_NONE = frozenset({"status", "command"})
     SHAPES = {"environment": _ENVIRONMENT, "model": _MODEL,
               "config": {"device": str, "dtype": str, "steps": int, "warmup": int}}
 
@@ -372,7 +373,7 @@ def load_report(path: str | Path, expect: str | None = None, *,
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ReportError(f"{str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}); "
+        raise ReportError(f"{str(path)!r} is not valid JSON ({err.msg}: line {err.lineno}, column {err.colno}); "
                           "is it a complete randbp report?") from None
     schema = data.get("schema") if isinstance(data, dict) else None
     if not isinstance(schema, str) or not schema.startswith("randbp."):
