@@ -23,12 +23,13 @@ except ImportError:  # older typer: plain click
     from click import ClickException as _UsageError
 
 from . import __version__
-from .cli_options import (DEFAULT_SKETCH, SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt,
+from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt,
                           DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt,
                           MaxLengthOpt, MaxTrainOpt, ModelOpt, OfflineOpt, OutputOpt, SaverOpt, SeedOpt, TaskOpt,
                           TextColumnsOpt, ToleranceActivationOpt, TolerancePeakOpt, ToleranceTimeOpt, TrainFileOpt, ValidationFileOpt,
                           command_line, data_options, note, one_line, torchrun_environment)
 from .errors import ConfigError, OutputError, RandbpError, ReportWriteError
+from .options import CheckOptions, FinetuneOptions, ProfileOptions, VarianceOptions
 from .report import PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, load_report
 
 if TYPE_CHECKING:
@@ -38,6 +39,15 @@ if TYPE_CHECKING:
 # The commands import what they run (torch, transformers, rich's progress bars: seconds) inside
 # their bodies, so that `randbp --help`, `--version` and usage errors start in a fraction of a
 # second (tests/test_offline.py holds that). Only this light layer is imported at the top.
+
+
+# Every option's default is the library's (options.py), so `randbp X` and `XConfig()` run alike.
+PROFILE, FINETUNE, VARIANCE, CHECK = ProfileOptions(), FinetuneOptions(), VarianceOptions(), CheckOptions()
+
+
+def _listed(values) -> str:
+    """A list default as --help shows it: 0.5, or 8 32."""
+    return " ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
 
 
 class _OneLineErrors(TyperGroup):
@@ -173,7 +183,7 @@ def _saved_elsewhere(report: Report) -> str:
         return f"nor could it be saved in the working directory ({err})"
 
 
-def _tolerances(peak: str, time: Optional[str], activation: str = "0") -> dict:
+def _tolerances(peak: str, time: Optional[str], activation: str) -> dict:
     from .check import parse_tolerance
 
     return {"tolerance_peak": parse_tolerance(peak, "--tolerance-peak"),
@@ -210,40 +220,40 @@ def _judge(current: ProfileReport, baseline: ProfileReport, tolerances: dict, *,
 @app.command()
 def profile(
     model: Annotated[str, typer.Option(help="Built-in architecture (roberta-base, roberta-tiny), hub id, "
-                                            "or local checkpoint / config directory.")] = "roberta-base",
+                                            "or local checkpoint / config directory.")] = PROFILE.model,
     rho: Annotated[Optional[list[float]], typer.Option("--rho", metavar="RHO", help="Compression rate in (0, 1]. "
                                                        "Repeat the option for a sweep (--rho 0.5 --rho 0.1). "
-                                                       "[default: 0.5]")] = None,
+                                                       f"[default: {_listed(PROFILE.rhos)}]")] = None,
     sketch: Annotated[Optional[list[str]], typer.Option("--sketch", metavar="SKETCH", help=SKETCHES_HELP)] = None,
     method: Annotated[Optional[list[str]], typer.Option(
         "--method", metavar="METHOD", help="Besides the exact baseline: randomized, checkpoint (Hugging Face "
                                            "activation checkpointing), checkpoint+randomized. Repeat the option "
-                                           "for several. [default: randomized]")] = None,
+                                           f"for several. [default: {_listed(PROFILE.methods)}]")] = None,
     budget_mib: Annotated[Optional[float], typer.Option(help="Also find, by measuring, the largest batch whose "
                                                         "activations fit this many MiB, per method.")] = None,
     batch_size: Annotated[Optional[list[int]], typer.Option(
         "--batch-size", "-b", metavar="N", help="Batch size. Repeat the option for several (-b 8 -b 32). "
-                                                "[default: 8]")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    steps: Annotated[int, typer.Option(help="Timed training steps per case.")] = 3,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per case.")] = 1,
-    seed: SeedOpt = 0,
-    isolate: Annotated[bool, typer.Option(help="Run each case in a fresh process.")] = False,
+                                                f"[default: {_listed(PROFILE.batch_sizes)}]")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = PROFILE.seq_len,
+    device: DeviceOpt = PROFILE.device,
+    dtype: DtypeOpt = PROFILE.dtype,
+    steps: Annotated[int, typer.Option(help="Timed training steps per case.")] = PROFILE.steps,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per case.")] = PROFILE.warmup,
+    seed: SeedOpt = PROFILE.seed,
+    isolate: Annotated[bool, typer.Option(help="Run each case in a fresh process.")] = PROFILE.isolate,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     attn_implementation: Annotated[Optional[str], typer.Option(help="Attention kernel for transformers "
                                                                "(eager, sdpa).")] = None,
     saver: SaverOpt = None,
-    compile_model: CompileOpt = False,
+    compile_model: CompileOpt = PROFILE.compile,
     compile_mode: CompileModeOpt = None,
-    offline: OfflineOpt = False,
+    offline: OfflineOpt = PROFILE.offline,
     check: Annotated[Optional[Path], typer.Option("--check", help="Then compare against this baseline report "
                                                   "(as `randbp check`): exit 1 on a regression.")] = None,
-    tolerance_peak: TolerancePeakOpt = "5%",
-    tolerance_time: ToleranceTimeOpt = None,
-    tolerance_activation: ToleranceActivationOpt = "0",
+    tolerance_peak: TolerancePeakOpt = CHECK.tolerance_peak,
+    tolerance_time: ToleranceTimeOpt = CHECK.tolerance_time,
+    tolerance_activation: ToleranceActivationOpt = CHECK.tolerance_activation,
     json_output: JsonOpt = False,
     output: OutputOpt = None,
 ) -> None:
@@ -253,8 +263,9 @@ def profile(
     from .plans import ProfileConfig
     from .profiling import profile_model
 
-    plan = ProfileConfig(model=model, rhos=rho or [0.5], sketches=sketch or [DEFAULT_SKETCH],
-                         methods=method or ["randomized"], budget_mib=budget_mib, batch_sizes=batch_size or [8],
+    plan = ProfileConfig(model=model, rhos=rho or list(PROFILE.rhos), sketches=sketch or list(PROFILE.sketches),
+                         methods=method or list(PROFILE.methods), budget_mib=budget_mib,
+                         batch_sizes=batch_size or list(PROFILE.batch_sizes),
                          seq_len=seq_len, device=device, dtype=dtype, steps=steps, warmup=warmup, seed=seed,
                          isolate=isolate, include=include, exclude=exclude, attn_implementation=attn_implementation,
                          offline=offline, savers=list(saver or []), compile=compile_model,
@@ -281,9 +292,9 @@ def profile(
 def check(
     current: Annotated[Path, typer.Argument(help="The profile report to judge (randbp profile -o ...).")],
     baseline: Annotated[Path, typer.Option("--baseline", help="The committed baseline profile report.")],
-    tolerance_peak: TolerancePeakOpt = "5%",
-    tolerance_time: ToleranceTimeOpt = None,
-    tolerance_activation: ToleranceActivationOpt = "0",
+    tolerance_peak: TolerancePeakOpt = CHECK.tolerance_peak,
+    tolerance_time: ToleranceTimeOpt = CHECK.tolerance_time,
+    tolerance_activation: ToleranceActivationOpt = CHECK.tolerance_activation,
     update: Annotated[bool, typer.Option(help="Rewrite the baseline from CURRENT (on purpose only).")] = False,
     show_all: Annotated[bool, typer.Option(help="List every compared metric, not only what moved.")] = False,
     json_output: JsonOpt = False,
@@ -341,18 +352,18 @@ def report(
 
 @app.command()
 def finetune(
-    task: TaskOpt = "mrpc",
+    task: TaskOpt = FINETUNE.task,
     model: ModelOpt = None,
     rho: Annotated[Optional[list[float]], typer.Option("--rho", metavar="RHO", help="Randomize every linear layer "
                                                        "at this compression rate. Repeat the option for several "
                                                        "runs. Without it: exact training.")] = None,
     compare: Annotated[bool, typer.Option(help="Add an exact run beside the --rho runs (same data, same "
-                                               "seed).")] = False,
+                                               "seed).")] = FINETUNE.compare,
     method: Annotated[Optional[list[str]], typer.Option("--method", metavar="METHOD", help="Runs to make: exact, "
                                                         "randomized (one per --rho), checkpoint, "
                                                         "checkpoint+randomized. Repeat the option for several. "
                                                         "[default: exact and/or randomized from --rho]")] = None,
-    sketch: Annotated[str, typer.Option(help=SKETCH_HELP)] = DEFAULT_SKETCH,
+    sketch: Annotated[str, typer.Option(help=SKETCH_HELP)] = FINETUNE.sketch,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: the task's, 10 for GLUE]")] = None,
@@ -360,22 +371,22 @@ def finetune(
     batch_size: BatchOpt = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size. [default: 2 × batch]")] = None,
     lr: LrOpt = None,
-    max_length: MaxLengthOpt = 512,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "auto",
+    max_length: MaxLengthOpt = FINETUNE.max_length,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = FINETUNE.grad_accum,
+    seed: SeedOpt = FINETUNE.seed,
+    dtype: DtypeOpt = FINETUNE.dtype,
+    device: DeviceOpt = FINETUNE.device,
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     validation_file: ValidationFileOpt = None,
     text_columns: TextColumnsOpt = None,
-    label_column: LabelColumnOpt = "label",
+    label_column: LabelColumnOpt = FINETUNE.label_column,
     max_train_samples: MaxTrainOpt = None,
     max_eval_samples: MaxEvalOpt = None,
     saver: SaverOpt = None,
-    compile_model: CompileOpt = False,
+    compile_model: CompileOpt = FINETUNE.compile,
     compile_mode: CompileModeOpt = None,
-    offline: OfflineOpt = False,
+    offline: OfflineOpt = FINETUNE.offline,
     save_model: Annotated[Optional[Path], typer.Option(help="Write the fine-tuned model (safetensors) here.")] = None,
     backend: Annotated[str, typer.Option(help="Under torchrun: auto (NCCL on GPUs, gloo on CPUs), nccl or "
                                               "gloo.")] = "auto",
@@ -435,20 +446,20 @@ def _finetune_on_this_rank(plan: FinetunePlan, backend: str,
 
 @app.command()
 def variance(
-    task: TaskOpt = "synthetic",
+    task: TaskOpt = VARIANCE.task,
     model: ModelOpt = None,
-    rho: Annotated[float, typer.Option(help="Compression rate whose variance is measured.")] = 0.5,
+    rho: Annotated[float, typer.Option(help="Compression rate whose variance is measured.")] = VARIANCE.rho,
     sketch: Annotated[Optional[list[str]], typer.Option("--sketch", metavar="SKETCH", help=SKETCHES_HELP)] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", metavar="PATTERN", help="Measure linear layers "
                                                        "matching this pattern (suffix, glob, re:REGEX). Repeat the "
                                                        "option for several. [default: every linear layer]")] = None,
-    repeats: Annotated[int, typer.Option(help="Sketches drawn per measurement for the empirical D²_RMM.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Sketches drawn per measurement for the empirical D²_RMM.")] = VARIANCE.repeats,
     steps: Annotated[int, typer.Option(help="Fine-tune this many steps, measuring every --every steps "
-                                            "(0: measure the first batch only).")] = 0,
-    every: Annotated[int, typer.Option(help="Measure every this many steps.")] = 1,
+                                            "(0: measure the first batch only).")] = VARIANCE.steps,
+    every: Annotated[int, typer.Option(help="Measure every this many steps.")] = VARIANCE.every,
     train_rho: Annotated[Optional[float], typer.Option(help="Train randomized at this rate (with --train-sketch); "
                                                             "default: exact training.")] = None,
-    train_sketch: Annotated[str, typer.Option(help="Sketch used for training with --train-rho.")] = DEFAULT_SKETCH,
+    train_sketch: Annotated[str, typer.Option(help="Sketch used for training with --train-rho.")] = VARIANCE.sketch,
     saver: Annotated[Optional[list[str]], typer.Option(
         "--saver", metavar="NAME", help="Train with these activation savers (dropout, gelu:B); for gelu:B, also "
                                         "measure its gradient error on the real GELU inputs. Repeat the option "
@@ -457,18 +468,18 @@ def variance(
     exclude: ExcludeOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
-    max_length: MaxLengthOpt = 512,
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "auto",
+    max_length: MaxLengthOpt = VARIANCE.max_length,
+    seed: SeedOpt = VARIANCE.seed,
+    dtype: DtypeOpt = VARIANCE.dtype,
+    device: DeviceOpt = VARIANCE.device,
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     validation_file: ValidationFileOpt = None,
     text_columns: TextColumnsOpt = None,
-    label_column: LabelColumnOpt = "label",
+    label_column: LabelColumnOpt = VARIANCE.label_column,
     max_train_samples: MaxTrainOpt = None,
     max_eval_samples: MaxEvalOpt = None,
-    offline: OfflineOpt = False,
+    offline: OfflineOpt = VARIANCE.offline,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the ratio over steps with the bound.")] = None,
     json_output: JsonOpt = False,
     output: OutputOpt = None,
@@ -483,7 +494,7 @@ def variance(
     plan = VarianceConfig(
         **data_options(task, model, data_dir, train_file, validation_file, text_columns, label_column,
                        max_train_samples, max_eval_samples, offline),
-        sketch=train_sketch, sketches=list(sketch or [DEFAULT_SKETCH]), rho=rho, repeats=repeats, layers=layer,
+        sketch=train_sketch, sketches=list(sketch or VARIANCE.sketches), rho=rho, repeats=repeats, layers=layer,
         steps=steps, every=every, train_rho=train_rho, include=include, exclude=exclude, batch_size=batch_size,
         lr=lr, max_length=max_length, seed=seed, dtype=dtype, device=device, savers=list(saver or [])).resolve()
     for path in (output, plot):

@@ -14,11 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import RandbpError
-
-# sketches.py's names and default, written out so that the options (and `randbp --help`) need no torch;
-# tests/test_offline.py checks they are the library's
-DEFAULT_SKETCH = "balanced"
-SKETCH_NAMES = ("balanced", "gaussian", "rademacher", "countsketch", "srht", "crs", "wta-crs")
+from .options import DEFAULT_SKETCH, SKETCH_NAMES
 
 SKETCHES_HELP = (f"Sketch: {', '.join(SKETCH_NAMES)}. Repeat the option for several (--sketch gaussian --sketch "
                  f"countsketch). [default: {DEFAULT_SKETCH}]")

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import ConfigError
-from .methods import DEFAULT_SKETCH, EXACT, METHOD_NAMES, Method, check_method_name, randomizes
+from .options import DEFAULT_MODEL, SYNTHETIC_DEFAULT_MODEL, FinetuneOptions, ProfileOptions, VarianceOptions
+from .methods import EXACT, METHOD_NAMES, Method, check_method_name, randomizes
 from .savers import parse_savers
 from .sketches import Sketch, check_rho, get_sketch
 from .tasks import TaskSpec, get_task
 
-DEFAULT_MODEL = "roberta-base"
-SYNTHETIC_DEFAULT_MODEL = "roberta-tiny"
 
 
 def _unique_sketches(names: Iterable[str]) -> list[Sketch]:
@@ -85,30 +84,8 @@ class ProfileCase:
 
 
 @dataclass
-class ProfileConfig:
-    model: str = DEFAULT_MODEL
-    rhos: Sequence[float] = field(default_factory=lambda: [0.5])
-    sketches: Sequence[str] = field(default_factory=lambda: [DEFAULT_SKETCH])
-    methods: Sequence[str] = field(default_factory=lambda: ["randomized"])  # besides the exact baseline
-    batch_sizes: Sequence[int] = field(default_factory=lambda: [8])
-    seq_len: int = 128
-    device: str = "auto"
-    dtype: str = "float32"
-    steps: int = 3
-    warmup: int = 1
-    seed: int = 0
-    isolate: bool = False
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    attn_implementation: str | None = None
-    offline: bool = False
-    num_labels: int = 2
-    lr: float = 1e-5
-    budget_mib: float | None = None  # find the largest batch whose activations fit this budget
-    budget_max_batch: int = 1024
-    savers: list[str] = field(default_factory=list)  # applied with every method but the exact baseline
-    compile: bool = False  # torch.compile every case alike
-    compile_mode: str | None = None
+class ProfileConfig(ProfileOptions):
+    """`randbp profile`'s options (options.py: each default there, once) resolved into a plan."""
 
     def resolve(self) -> ProfilePlan:
         """Check every option once; the plan `profile` runs (ConfigError/DeviceError otherwise)."""
@@ -207,43 +184,8 @@ class ProfilePlan:
 
 
 @dataclass
-class FinetuneConfig:
-    task: str = "mrpc"
-    model: str | None = None  # roberta-base; roberta-tiny for the synthetic task
-    rhos: list[float] = field(default_factory=list)  # empty: exact training only
-    compare: bool = False  # add an exact run beside the randomized ones
-    methods: list[str] | None = None  # explicit: exact, randomized, checkpoint, checkpoint+randomized
-    sketch: str = DEFAULT_SKETCH
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    epochs: int | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    eval_batch_size: int | None = None
-    lr: float | None = None
-    max_length: int = 512
-    grad_accum: int = 1
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.1
-    adam_betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = 1e-6
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    data_dir: str | None = None
-    train_file: str | None = None
-    validation_file: str | None = None
-    text_columns: list[str] | None = None
-    label_column: str = "label"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    synthetic_train_size: int = 4000
-    synthetic_eval_size: int = 1000
-    offline: bool = False
-    save_model: str | None = None
-    savers: list[str] = field(default_factory=list)  # applied with every run but --compare's exact one
-    compile: bool = False  # torch.compile every run alike
-    compile_mode: str | None = None
+class FinetuneConfig(FinetuneOptions):
+    """`randbp finetune`'s options (options.py) resolved into a plan."""
 
     @property
     def custom_data(self) -> bool:
@@ -310,16 +252,9 @@ class FinetuneConfig:
 
 
 @dataclass
-class VarianceConfig(FinetuneConfig):
-    """`randbp variance`: the data and model options of finetune, plus what to measure."""
+class VarianceConfig(VarianceOptions, FinetuneConfig):
+    """`randbp variance`'s options (options.py) resolved into a plan."""
 
-    sketches: list[str] = field(default_factory=lambda: [DEFAULT_SKETCH])
-    rho: float = 0.5  # the compression rate measured
-    repeats: int = 64
-    layers: list[str] | None = None
-    steps: int = 0  # fine-tune this many steps (0: measure the first batch only)
-    every: int = 1
-    train_rho: float | None = None  # train randomized at this rate (with `sketch`); None: exact
 
     def resolve(self) -> VariancePlan:
         """Check every option once; the plan `variance` runs."""

@@ -207,11 +207,3 @@ def test_importing_the_package_imports_no_torch_until_a_name_is_used():
     assert out["before"] == []
     assert out["convert"] == out["attribute"] == "randbp_cli.convert"  # the function, not the module
     assert out["all"] == [] and out["dir"] == []
-
-
-def test_the_clis_sketch_names_are_the_libraries():
-    """cli_options names the sketches without importing torch; they must not drift apart."""
-    from randbp_cli import cli_options, methods, sketches
-
-    assert cli_options.DEFAULT_SKETCH == methods.DEFAULT_SKETCH == sketches.DEFAULT_SKETCH
-    assert list(cli_options.SKETCH_NAMES) == sketches.sketch_names()
