@@ -35,11 +35,11 @@ from .errors import ConfigError
 from .layers import RandomizedLinear
 from .sharing import SketchSharing
 from .sketches import DEFAULT_SKETCH, Sketch, check_rho, get_sketch
-from .swap import share_hooks
+from .swap import replaced, stand_in, swap, unswap
 
 log = logging.getLogger("randbp")
 
-_ORIGINAL_ATTR = "_randbp_original"
+KIND = "linear"  # what swap.py records convert's replacements as
 _SHARING_ATTR = "_randbp_sharing_hooks"
 
 
@@ -96,14 +96,6 @@ def select_linears(model: nn.Module, include: str | Sequence[str] | None = None,
     return selected
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if name == "":
-        return new
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, new)
-    return model
-
-
 def _bracket_passes(model: nn.Module, sharing: SketchSharing) -> None:
     """Open and close a sharing pass around every forward of the model (even one that raises)."""
     handles = (model.register_forward_pre_hook(sharing.begin_pass),
@@ -129,14 +121,12 @@ def convert(model: nn.Module, rho: float, *, sketch: str | Sketch = DEFAULT_SKET
     sharing = SketchSharing()
     for name, original in originals.items():
         if id(original) not in replacements:
-            layer = RandomizedLinear.from_linear(original, rho=rho, sketch=sketch, min_rows=min_rows,
-                                                 share_sketch=share_sketch, name=name)
-            object.__setattr__(layer, _ORIGINAL_ATTR, original)  # plain attribute, not a submodule
-            share_hooks(original, layer)
+            layer = stand_in(original, RandomizedLinear.from_linear(original, rho=rho, sketch=sketch,
+                                                                    min_rows=min_rows, share_sketch=share_sketch,
+                                                                    name=name), KIND)
             layer.sharing = sharing
             replacements[id(original)] = layer
-    for name, original in originals.items():
-        model = _replace(model, name, replacements[id(original)])
+    model = swap(model, {name: replacements[id(original)] for name, original in originals.items()})
     _bracket_passes(model, sharing)
     log.info("randbp: converted %d linear layers to RandomizedLinear(rho=%s, sketch=%s)",
              len(selected), rho, sketch.name)
@@ -145,8 +135,7 @@ def convert(model: nn.Module, rho: float, *, sketch: str | Sketch = DEFAULT_SKET
 
 def converted_names(model: nn.Module) -> list[str]:
     """Names of the layers `convert` swapped (and `restore` would put back)."""
-    return [name for name, module in model.named_modules(remove_duplicate=False)
-            if isinstance(module, RandomizedLinear) and hasattr(module, _ORIGINAL_ATTR)]
+    return [name for name, _ in replaced(model, KIND)]
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -162,13 +151,7 @@ def _restore_linears(model: nn.Module) -> nn.Module:
         handle.remove()
     if hasattr(model, _SHARING_ATTR):
         object.__delattr__(model, _SHARING_ATTR)
-    for name in converted_names(model):
-        layer = model.get_submodule(name) if name else model
-        original = getattr(layer, _ORIGINAL_ATTR)
-        original.train(layer.training)
-        share_hooks(layer, original)  # the same dicts; a full backward hook added meanwhile stays full
-        model = _replace(model, name, original)
-    return model
+    return unswap(model, KIND)
 
 
 def describe_conversion(model: nn.Module) -> dict:

@@ -15,7 +15,9 @@ Savers (names as the CLI takes them):
             B bits per element instead of its input (randbp_cli/gelu.py). A tanh-approximate
             or otherwise different GELU is refused: its derivative is not the one fitted.
 
-Like `convert`: everything is checked before anything is replaced, so a bad name or an
+Each saver is a `Saver` in the `SAVERS` registry (how its name parses, what it replaces and with
+what); the swap itself is swap.py's, the one `convert` uses. Like `convert`: everything is checked
+before anything is replaced, so a bad name or an
 unsuitable model never leaves a half-converted model; the new modules hold no parameters,
 the model's Parameter objects are untouched; a module registered under two names becomes one
 new module; the replacements share the originals' hook dictionaries (a handle taken before
@@ -26,6 +28,7 @@ a model `convert` has converted, in either order.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,11 +38,10 @@ from . import attention
 from .dropout import SeedDropout
 from .errors import ConfigError
 from .gelu import BITS, FewBitGELU
-from .swap import share_hooks
+from .swap import original_of, replaced, stand_in, swap, unswap
 
 _BITS_TEXT = ", ".join(map(str, BITS))
-SAVER_HELP = f"dropout, gelu:B (B = {_BITS_TEXT} bits, e.g. gelu:2)"
-_ORIGINAL_ATTR = "_randbp_saver_original"  # on a replacement module: what it replaced
+KIND = "saver"  # what swap.py records the savers' replacements as
 _ATTN_ATTR = "_randbp_saver_attention"  # on the transformers model: its attention implementation before
 
 
@@ -55,19 +57,14 @@ class SaverSpec:
 
 
 def parse_saver(text: str) -> SaverSpec:
-    """"dropout" or "gelu:B" -> SaverSpec; anything else is a one-line ConfigError."""
+    """"dropout" or "gelu:B" -> SaverSpec (the registry's savers); anything else is a one-line ConfigError."""
     if not isinstance(text, str):
         raise ConfigError(f"saver names are strings like {SAVER_HELP} (got {text!r})")
-    if text == "dropout":
-        return SaverSpec("dropout")
-    name, sep, bits = text.partition(":")
-    if name == "gelu" and not sep:
-        raise ConfigError(f"saver 'gelu' needs a bit count: gelu:B with B in {_BITS_TEXT} (e.g. gelu:2)")
-    if name == "gelu":
-        if not bits.isdigit() or int(bits) not in BITS:
-            raise ConfigError(f"saver {text!r}: the bit count must be one of {_BITS_TEXT} (got {bits!r})")
-        return SaverSpec("gelu", int(bits))
-    raise ConfigError(f"unknown saver {text!r}: choose from {SAVER_HELP}")
+    name, sep, argument = text.partition(":")
+    saver = SAVERS.get(name)
+    if saver is None:
+        raise ConfigError(f"unknown saver {text!r}: choose from {SAVER_HELP}")
+    return saver.parse(text, argument if sep else None)
 
 
 def parse_savers(names: str | Sequence[str] | None) -> tuple[SaverSpec, ...]:
@@ -151,6 +148,98 @@ def attention_switch_reason(model: nn.Module) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------- the registry
+
+
+class Saver(ABC):
+    """One kind of saver: how its name parses, which modules it replaces, and with what. A new saver
+    is a subclass and one line in `SAVERS`."""
+
+    name: str = ""
+    usage: str = ""  # how --help and errors spell it
+
+    def parse(self, text: str, argument: str | None) -> SaverSpec:
+        if argument is not None:
+            raise ConfigError(f"saver {self.name!r} takes no argument (got {text!r})")
+        return SaverSpec(self.name)
+
+    @abstractmethod
+    def targets(self, model: nn.Module, spec: SaverSpec) -> dict[str, nn.Module]:
+        """The modules `spec` replaces, by name; a ConfigError if there is nothing to gain."""
+
+    @abstractmethod
+    def make(self, original: nn.Module, spec: SaverSpec) -> nn.Module:
+        """The module that replaces `original`."""
+
+    def prepare(self, model: nn.Module, plan: _Plan) -> None:
+        """Anything beyond module swaps the saver needs (checked, not yet done: `apply_savers` does it)."""
+
+    def applied(self, model: nn.Module, replacements: list[nn.Module]) -> list[str]:
+        """The names (as `apply_savers` takes them) this saver is applied under in `model`."""
+        return [self.name] if any(self.owns(m) for m in replacements) else []
+
+    @abstractmethod
+    def owns(self, module: nn.Module) -> bool:
+        """Whether `module` is one of this saver's replacements."""
+
+
+class DropoutSaver(Saver):
+    name, usage = "dropout", "dropout"
+
+    def targets(self, model: nn.Module, spec: SaverSpec) -> dict[str, nn.Module]:
+        targets = _dropout_modules(model)
+        reason = attention_switch_reason(model)
+        if not targets and reason is not None:
+            raise ConfigError(f"saver 'dropout' finds nothing to replace: no (out-of-place) nn.Dropout modules, "
+                              f"and the attention cannot be switched ({reason})")
+        return targets
+
+    def make(self, original: nn.Module, spec: SaverSpec) -> nn.Module:
+        return SeedDropout(original.p)
+
+    def prepare(self, model: nn.Module, plan: _Plan) -> None:
+        if attention_switch_reason(model) is None:
+            plan.attention_model = _transformers_model(model)
+
+    def applied(self, model: nn.Module, replacements: list[nn.Module]) -> list[str]:
+        switched = any(getattr(m, _ATTN_ATTR, None) is not None for m in model.modules())
+        return [self.name] if switched or any(self.owns(m) for m in replacements) else []
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(module, SeedDropout)
+
+
+class GeluSaver(Saver):
+    name, usage = "gelu", f"gelu:B (B = {_BITS_TEXT} bits, e.g. gelu:2)"
+
+    def parse(self, text: str, argument: str | None) -> SaverSpec:
+        if argument is None:
+            raise ConfigError(f"saver 'gelu' needs a bit count: gelu:B with B in {_BITS_TEXT} (e.g. gelu:2)")
+        if not argument.isdigit() or int(argument) not in BITS:
+            raise ConfigError(f"saver {text!r}: the bit count must be one of {_BITS_TEXT} (got {argument!r})")
+        return SaverSpec(self.name, int(argument))
+
+    def targets(self, model: nn.Module, spec: SaverSpec) -> dict[str, nn.Module]:
+        targets = _gelu_modules(model)
+        if not targets:
+            raise ConfigError(f"saver '{spec}' finds nothing to replace: the model has no GELU module "
+                              "(transformers' GELUActivation or nn.GELU)")
+        return targets
+
+    def make(self, original: nn.Module, spec: SaverSpec) -> nn.Module:
+        return FewBitGELU(spec.bits)
+
+    def applied(self, model: nn.Module, replacements: list[nn.Module]) -> list[str]:
+        return [f"gelu:{bits}" for bits in sorted({m.bits for m in replacements if self.owns(m)})]
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(module, FewBitGELU)
+
+
+SAVERS: dict[str, Saver] = {saver.name: saver for saver in (DropoutSaver(), GeluSaver())}
+SAVER_HELP = ", ".join(saver.usage for saver in SAVERS.values())
+
+
 # ---------------------------------------------------------------------------- apply / restore
 
 
@@ -160,48 +249,17 @@ class _Plan:
     attention_model: nn.Module | None = None
 
 
-def _replacement(original: nn.Module, new: nn.Module) -> nn.Module:
-    object.__setattr__(new, _ORIGINAL_ATTR, original)  # a plain attribute, not a submodule
-    share_hooks(original, new)  # old handles still remove hooks; full backward hooks stay full
-    new.train(original.training)
-    return new
-
-
-def _targets(model: nn.Module, spec: SaverSpec) -> dict[str, nn.Module]:
-    """The modules `spec` replaces, by name; a ConfigError if there is nothing to gain."""
-    if spec.name == "gelu":
-        targets = _gelu_modules(model)
-        if not targets:
-            raise ConfigError(f"saver '{spec}' finds nothing to replace: the model has no GELU module "
-                              "(transformers' GELUActivation or nn.GELU)")
-        return targets
-    targets = _dropout_modules(model)
-    reason = attention_switch_reason(model)
-    if not targets and reason is not None:
-        raise ConfigError(f"saver 'dropout' finds nothing to replace: no (out-of-place) nn.Dropout modules, "
-                          f"and the attention cannot be switched ({reason})")
-    return targets
-
-
 def _plan(model: nn.Module, specs: tuple[SaverSpec, ...]) -> _Plan:
     """Check everything and build the new modules; touches nothing in `model`."""
     plan, made = _Plan(), {}
     for spec in specs:
-        for name, original in _targets(model, spec).items():
+        saver = SAVERS[spec.name]
+        for name, original in saver.targets(model, spec).items():
             if id(original) not in made:  # one module under two names -> one replacement
-                new = SeedDropout(original.p) if spec.name == "dropout" else FewBitGELU(spec.bits)
-                made[id(original)] = _replacement(original, new)
+                made[id(original)] = stand_in(original, saver.make(original, spec), KIND)
             plan.replacements[name] = made[id(original)]
-        if spec.name == "dropout" and attention_switch_reason(model) is None:
-            plan.attention_model = _transformers_model(model)
+        saver.prepare(model, plan)
     return plan
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if name == "":
-        return new
-    model.set_submodule(name, new)
-    return model
 
 
 def apply_savers(model: nn.Module, savers: str | Sequence[str] | None) -> nn.Module:
@@ -218,19 +276,12 @@ def apply_savers(model: nn.Module, savers: str | Sequence[str] | None) -> nn.Mod
         previous = hf.config._attn_implementation
         hf.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         object.__setattr__(hf, _ATTN_ATTR, previous)
-    for name, new in plan.replacements.items():
-        model = _set_module(model, name, new)
-    return model
+    return swap(model, plan.replacements)
 
 
 def restore_savers(model: nn.Module) -> nn.Module:
     """Undo `apply_savers`: the original module objects and attention implementation back."""
-    for name, m in list(model.named_modules(remove_duplicate=False)):
-        original = getattr(m, _ORIGINAL_ATTR, None)
-        if original is not None:
-            original.train(m.training)
-            share_hooks(m, original)  # the same dicts; a full backward hook added meanwhile stays full
-            model = _set_module(model, name, original)
+    model = unswap(model, KIND)
     for m in model.modules():
         previous = m.__dict__.pop(_ATTN_ATTR, None)
         if previous is not None:
@@ -240,14 +291,8 @@ def restore_savers(model: nn.Module) -> nn.Module:
 
 def saver_names(model: nn.Module) -> list[str]:
     """The savers applied to `model`, as names `apply_savers` takes (e.g. ["dropout", "gelu:2"])."""
-    names = []
-    modules = list(model.modules())
-    if any(getattr(m, _ATTN_ATTR, None) is not None for m in modules) or \
-            any(isinstance(m, SeedDropout) and hasattr(m, _ORIGINAL_ATTR) for m in modules):
-        names.append("dropout")
-    bits = sorted({m.bits for m in modules if isinstance(m, FewBitGELU) and hasattr(m, _ORIGINAL_ATTR)})
-    names.extend(f"gelu:{b}" for b in bits)
-    return names
+    replacements = [module for _, module in replaced(model, KIND)]
+    return [name for saver in SAVERS.values() for name in saver.applied(model, replacements)]
 
 
 def describe_savers(model: nn.Module) -> dict:
@@ -258,9 +303,9 @@ def describe_savers(model: nn.Module) -> dict:
     names = saver_names(model)
     return {
         "savers": names,
-        "seed_dropouts": [n for n, m in named if isinstance(m, SeedDropout) and hasattr(m, _ORIGINAL_ATTR)],
+        "seed_dropouts": [n for n, m in named if isinstance(m, SeedDropout) and original_of(m, KIND) is not None],
         "native_dropouts": [n for n, m in named if type(m) is nn.Dropout],
-        "few_bit_gelus": {n: m.bits for n, m in named if isinstance(m, FewBitGELU) and hasattr(m, _ORIGINAL_ATTR)},
+        "few_bit_gelus": {n: m.bits for n, m in named if isinstance(m, FewBitGELU) and original_of(m, KIND) is not None},
         "attn_implementation": None if hf is None else hf.config._attn_implementation,
         "attn_implementation_before": switched_from,
         # why the dropout saver left the attention alone (None when it switched it or was not asked)

@@ -676,3 +676,40 @@ def test_savers_under_autocast_behave_like_the_modules_they_replace():
     out.float().sum().backward()
     assert out.dtype == expected_dtype and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_new_saver_is_one_class_and_one_registry_line(monkeypatch):
+    """The saver registry (like SKETCHES): a saver is a Saver subclass; apply, name, restore come free."""
+    from randbp_cli import savers as savers_module
+
+    class Halved(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x)
+
+    class TanhSaver(savers_module.Saver):
+        name, usage = "tanh", "tanh"
+
+        def targets(self, model, spec):
+            return {name: m for name, m in model.named_modules() if type(m) is nn.Tanh}
+
+        def make(self, original, spec):
+            return Halved()
+
+        def owns(self, module):
+            return isinstance(module, Halved)
+
+    monkeypatch.setitem(savers_module.SAVERS, "tanh", TanhSaver())
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    handle = model[1].register_forward_hook(lambda m, i, o: calls.append(1))
+    calls = []
+    x = torch.randn(3, 4)
+    expected = model(x)
+    model = apply_savers(model, ["tanh"])
+    assert isinstance(model[1], Halved) and saver_names(model) == ["tanh"]
+    torch.testing.assert_close(model(x), expected)
+    assert len(calls) == 2  # the hook came along
+    with pytest.raises(ConfigError, match="saver 'tanh' takes no argument"):
+        apply_savers(model, ["tanh:2"])
+    model = restore_savers(model)
+    assert type(model[1]) is nn.Tanh and saver_names(model) == []
+    handle.remove()
