@@ -154,7 +154,8 @@ def _deliver(report: Report, output: Optional[Path], json_output: bool, plot: Op
     working directory instead (said on stderr, and the command exits 1)."""
     from .files import to_json, write_json_atomic
     from .cli_console import print_tables
-    from .render import plottable, tables_for, write_plot
+    from .plots import plottable, write_plot
+    from .render import tables_for
 
     report.command = command_line()
     if json_output:
@@ -331,7 +332,9 @@ def report(
     """Render saved reports as the commands' tables, as Markdown, or as a plot."""
     from .cli_console import print_tables
     from .files import check_writable
-    from .render import check_image_path, check_plottable, table_to_markdown, tables_for, write_plot
+    from .plots import check_image_path, check_plottable, write_plot
+    from .render import tables_for
+    from .tables import table_to_markdown
 
     if output_format not in ("table", "markdown"):
         raise ConfigError(f"--format must be table or markdown (got {output_format!r})")
@@ -488,7 +491,7 @@ def variance(
     from .cli_console import stop_on_signals, training_progress
     from .files import check_writable
     from .plans import VarianceConfig
-    from .render import check_image_path
+    from .plots import check_image_path
     from .variance import measure_variance
 
     plan = VarianceConfig(

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .cli_options import note
 from .engine import TrainCallbacks
-from .render import fit
+from .tables import fit
 
 err_console = Console(stderr=True)
 
@@ -32,7 +32,7 @@ def output_width() -> int | None:
 
 
 def print_tables(tables) -> None:
-    """The tables on stdout, each fitted to the width (render.fit: no number is ever cut)."""
+    """The tables on stdout, each fitted to the width (tables.fit: no number is ever cut)."""
     width = output_width()
     console = Console(width=width or 1 << 16)  # a pipe: each table as wide as its widest row
     for table in tables:

@@ -9,7 +9,7 @@ annotation, the keys read from its objects against `SHAPES`, the keys it cannot 
 `BenchmarkOutput`. Keys a report has and this version does not know are kept (`extra`) and
 written back as they were.
 
-Rendering (tables, Markdown, plots) lives in render.py; nothing here imports a UI library. The
+Rendering lives in render.py, tables.py and plots.py; nothing here imports a UI library. The
 environment a report records is environment.py's, and files are written by files.py.
 """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "randbp_cli"
 UI_LIBRARIES = {"rich", "typer", "click", "matplotlib"}
-UI_MODULES = {"render", "cli", "cli_options", "cli_console"}
+UI_MODULES = {"tables", "render", "plots", "cli", "cli_options", "cli_console"}
 
 
 def _readme_order() -> list[str]:

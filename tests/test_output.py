@@ -10,7 +10,8 @@ from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from randbp_cli.cli import app
-from randbp_cli.render import ReportTable, fit, tables_for
+from randbp_cli.render import tables_for
+from randbp_cli.tables import ReportTable, fit
 from randbp_cli.report import load_report
 
 ROOT = Path(__file__).resolve().parents[1]
