@@ -1,12 +1,8 @@
-"""Random sketches S ∈ R^{N×k} along the token dimension, with E[S Sᵀ] = I (docs/method.md §2).
+"""The sketches, and the registry they are found in by name (`get_sketch`, `SKETCHES`).
 
-A sketch is never stored. The forward pass calls `compress(x, k, seed)` and keeps what it
-returns (the first tensor is always Sᵀx, k × d_in); the backward pass calls
-`compress_grad(y, k, seed, saved)` to apply the very same S to the incoming gradient, by
-regenerating it from the seed (or, for data-dependent sketches, from the saved indices).
-Then `(Sᵀy)ᵀ(Sᵀx) = yᵀ S Sᵀ x` is an unbiased estimate of the weight gradient `yᵀx`.
-`transpose(g, n_rows, seed, saved)` applies S itself (S g, N × d): the derivative of Sᵀx,
-which second-order gradients need.
+What a sketch is and does (compress, compress_grad, transpose, variance) is sketch.py's `Sketch`;
+the row-sampling sketches (CRS, WTA-CRS) are in row_sampling.py. Here: the dense (Gaussian,
+Rademacher), hashing (countsketch, balanced) and structured (SRHT) sketches.
 
 Seeds: `draw_seed(device)` draws one per sketched input from torch's RNG, as an int64 tensor,
 so `torch.manual_seed` reproduces a run; ops.py draws it inside the same custom op that
@@ -25,104 +21,25 @@ on a CPU two calls share S with probability 2⁻³² rather than 2⁻⁶².
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from typing import ClassVar
+from abc import abstractmethod
 
 import torch
 from torch import Tensor
 
 from . import balanced, balanced_triton
 from .errors import ConfigError
+from .row_sampling import CRSSketch, WTACRSSketch
+# the interface and what every sketch shares (sketch.py), importable from here too
+from .sketch import DEFAULT_SKETCH, Sketch, _frobenius_terms, _generator, check_rho, draw_seed, sketch_rows
+
+__all__ = ["DATA_DEPENDENT", "DEFAULT_SKETCH", "SKETCHES", "BalancedSketch", "CRSSketch", "CountSketch",
+           "GaussianSketch", "RademacherSketch", "SRHTSketch", "Sketch", "WTACRSSketch", "check_rho", "draw_seed",
+           "get_sketch", "sketch_matrix", "sketch_names", "sketch_rows"]
 
 # NOTE: a dense sketch of N = 16k tokens at k = 8k would be a 512 MiB matrix; we generate it
 # in row blocks of at most this many elements, so the transient cost stays bounded (16 MiB in
 # fp32) whatever N is. Forward and backward use the same blocks, hence the same S.
 DENSE_BLOCK_ELEMENTS = 1 << 22
-
-
-def sketch_rows(n_rows: int, rho: float, min_rows: int = 1) -> int:
-    """k = round(ρ·N), clamped to [min_rows, N] (docs/method.md §4.4: never 0, never above N)."""
-    return max(0, min(n_rows, max(min_rows, round(rho * n_rows))))
-
-
-def check_rho(rho: float) -> float:
-    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not (0.0 < rho <= 1.0):
-        raise ConfigError(
-            f"rho must be in (0, 1] (got {rho!r}): it is the fraction of token rows kept, "
-            "e.g. 0.5 or 0.1"
-        )
-    return float(rho)
-
-
-DEFAULT_SKETCH = "balanced"
-
-
-def draw_seed() -> int:
-    """A fresh 62-bit seed from torch's global (CPU) RNG, as a host int; no device synchronisation."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-
-
-def _generator(device: torch.device, seed: int | Tensor) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))  # a CPU tensor's value: read without a device synchronisation
-    return gen
-
-
-def _frobenius_terms(x: Tensor, y: Tensor) -> tuple[float, float, float]:
-    """(‖X‖²‖Y‖², ‖XᵀY‖², Σᵢ‖xᵢ‖²‖yᵢ‖²) in float64."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    y = y.reshape(-1, y.shape[-1]).double()
-    row_x = x.square().sum(1)
-    row_y = y.square().sum(1)
-    xy = float(row_x.sum() * row_y.sum())
-    grad = float((x.T @ y).square().sum())
-    diag = float((row_x * row_y).sum())
-    return xy, grad, diag
-
-
-class Sketch(ABC):
-    """Base class. Subclasses set `name`, `cost` and implement the four methods.
-
-    `seed` is an int64 tensor from `draw_seed` (a plain int works too, for tests and
-    `sketch_matrix`). The layers never call these methods directly but through ops.py.
-    """
-
-    name: ClassVar[str] = ""
-    cost: ClassVar[str] = ""  # shown in docs and `--help`
-    description: ClassVar[str] = ""
-    graph_safe: ClassVar[bool] = False  # S from a device-side seed: CUDA graphs may replay it
-
-    @abstractmethod
-    def compress(self, x: Tensor, k: int, seed: int) -> tuple[Tensor, ...]:
-        """x: (N, d). Returns the tensors to save for backward; element 0 is Sᵀx, (k, d)."""
-
-    @abstractmethod
-    def compress_grad(self, y: Tensor, k: int, seed: int, saved: tuple[Tensor, ...]) -> Tensor:
-        """y: (N, d_out). Returns Sᵀy, (k, d_out), with the S used by `compress`."""
-
-    @abstractmethod
-    def transpose(self, g: Tensor, n_rows: int, seed, saved: tuple[Tensor, ...]) -> Tensor:
-        """g: (k, d). Returns S g, (n_rows, d): the transpose of `compress`, for second order."""
-
-    @abstractmethod
-    def variance(self, x: Tensor, y: Tensor, k: int) -> float:
-        """Closed-form E‖yᵀSSᵀx − yᵀx‖²_F."""
-
-    def draw_seed(self, device: torch.device) -> Tensor:
-        """A fresh 62-bit seed for one sketched input, from torch's RNG: on the CPU (a generator
-        is seeded with its value), or on `device` for a graph-safe sketch."""
-        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device if self.graph_safe else "cpu")
-
-    def empty_seed(self, device: torch.device) -> Tensor:
-        """An uninitialised seed tensor where `draw_seed` puts one (for the ops' fake kernels)."""
-        return torch.empty((), dtype=torch.int64, device=device if self.graph_safe else "cpu")
-
-    def empty_saved(self, x: Tensor, k: int) -> tuple[Tensor, ...]:
-        """Uninitialised tensors shaped like what `compress` returns (for the ops' fake kernels)."""
-        return (x.new_empty((k, x.shape[1])),)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
 
 
 class _DenseSketch(Sketch):
@@ -344,123 +261,6 @@ class SRHTSketch(Sketch):
             return 0.0
         xy, grad, diag = _frobenius_terms(x, y)
         return (n - k) / ((n - 1) * k) * (xy + grad - 2 * diag)
-
-
-def _row_norm_probabilities(x: Tensor) -> Tensor:
-    """pᵢ ∝ ‖xᵢ‖ in float32 (uniform when every row is zero)."""
-    norms = x.float().norm(dim=1)
-    total = norms.sum()
-    if not (total > 0 and torch.isfinite(total)):  # all zero, or NaN/inf (the loss will show it)
-        return torch.full_like(norms, 1.0 / len(norms))
-    return norms / total
-
-
-class _RowSampling(Sketch):
-    """Sketches that keep real token rows: saved = (scaled rows of X, their indices, their scales)."""
-
-    def empty_saved(self, x, k):
-        return (x.new_empty((k, x.shape[1])), x.new_empty((k,), dtype=torch.int64), x.new_empty((k,)))
-
-    def compress_grad(self, y, k, seed, saved):
-        _, index, scale = saved
-        return y[index] * scale[:, None]
-
-    def transpose(self, g, n_rows, seed, saved):
-        # the sampled rows and their scales are fixed given the draw: Ĝ is linear in x with
-        # weights of mean 1, so this derivative is unbiased (docs/method.md, second order)
-        _, index, scale = saved
-        return g.new_zeros(n_rows, g.shape[1]).index_add_(0, index, g * scale[:, None])
-
-    @staticmethod
-    def _sampled_variance(x: Tensor, y: Tensor, probabilities: Tensor, draws: int) -> float:
-        """E‖Ĝ − G‖² of (1/m)Σₜ g_{iₜ}/p_{iₜ}, m draws with replacement: (Σᵢ‖gᵢ‖²/pᵢ − ‖G‖²)/m."""
-        p = probabilities.double()
-        terms = x.square().sum(1) * y.square().sum(1)
-        used = p > 0  # rows with pᵢ = 0 have xᵢ = 0: their gradient term is 0 and never sampled
-        grad = float((x.T @ y).square().sum())
-        return (float((terms[used] / p[used]).sum()) - grad) / draws
-
-
-class CRSSketch(_RowSampling):
-    """Column-row sampling: k token rows drawn with replacement, pᵢ ∝ ‖xᵢ‖, scaled 1/√(k·pᵢ).
-
-    The forward pass knows X, so the probabilities use ‖xᵢ‖ only. Ĝ = (1/k)Σₜ y_{iₜ}x_{iₜ}ᵀ/p_{iₜ}
-    is unbiased. What is stored is real (scaled) rows of X plus their indices and scales; the
-    backward pass gathers the same rows of Y. Cost O(N·d).
-    """
-
-    name = "crs"
-    cost = "O(N·d)"
-    description = "k token rows sampled with replacement, p ∝ ‖xᵢ‖"
-
-    def compress(self, x, k, seed):
-        probabilities = _row_norm_probabilities(x)
-        gen = _generator(x.device, seed)
-        index = torch.multinomial(probabilities, k, replacement=True, generator=gen)
-        scale = (1.0 / torch.sqrt(k * probabilities[index])).to(x.dtype)
-        return x[index] * scale[:, None], index, scale
-
-    def variance(self, x, y, k):
-        x = x.reshape(-1, x.shape[-1]).double()
-        y = y.reshape(-1, y.shape[-1]).double()
-        return self._sampled_variance(x, y, _row_norm_probabilities(x), k)
-
-
-class WTACRSSketch(_RowSampling):
-    """Winner-take-all CRS (after WTA-CRS, arXiv 2305.15265): the c = ⌊k/2⌋ rows with the
-    largest ‖xᵢ‖ are kept exactly (scale 1; all of them when k = N); the other k − c rows are sampled with replacement
-    from the remaining rows with qⱼ ∝ ‖xⱼ‖ and scaled 1/√((k − c)·qⱼ). Unbiased: the kept rows
-    contribute their exact gradient terms, the sample estimates the rest.
-
-    Where it departs from the published method: (1) probabilities come from ‖xᵢ‖ alone, which
-    the forward pass has — the paper uses ‖xᵢ‖·‖yᵢ‖ with gradient norms cached from the
-    previous epoch; (2) the deterministic set has the fixed size ⌊k/2⌋ instead of the size the
-    paper picks from the probability mass; (3) nothing is cached between steps. Cost O(N·d).
-    """
-
-    name = "wta-crs"
-    cost = "O(N·d)"
-    description = "top ⌊k/2⌋ rows by ‖xᵢ‖ kept, the rest sampled (p ∝ ‖xᵢ‖)"
-
-    @staticmethod
-    def _split(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(kept indices, remaining indices, probabilities over the remaining rows)."""
-        n = x.shape[0]
-        c = n if k >= n else k // 2  # k = N: keep every row, the estimate is exact
-        norms = x.float().norm(dim=1)
-        order = torch.argsort(norms, descending=True, stable=True)
-        kept, rest = order[:c], order[c:]
-        rest_norms = norms[rest]
-        total = rest_norms.sum()
-        if len(rest) and not (total > 0 and torch.isfinite(total)):
-            probabilities = torch.full_like(rest_norms, 1.0 / len(rest))
-        else:
-            probabilities = rest_norms / total if len(rest) else rest_norms
-        return kept, rest, probabilities
-
-    def compress(self, x, k, seed):
-        kept, rest, probabilities = self._split(x, k)
-        sampled = k - len(kept)
-        if sampled == 0 or len(rest) == 0:  # k ≥ N: every row kept, exact
-            index = kept
-            scale = torch.ones(len(index), device=x.device, dtype=x.dtype)
-        else:
-            gen = _generator(x.device, seed)
-            pick = torch.multinomial(probabilities, sampled, replacement=True, generator=gen)
-            index = torch.cat([kept, rest[pick]])
-            scale = torch.cat([torch.ones(len(kept), device=x.device),
-                               1.0 / torch.sqrt(sampled * probabilities[pick])]).to(x.dtype)
-        return x[index] * scale[:, None], index, scale
-
-    def variance(self, x, y, k):
-        x = x.reshape(-1, x.shape[-1]).double()
-        y = y.reshape(-1, y.shape[-1]).double()
-        kept, rest, q = self._split(x, k)
-        sampled = k - len(kept)
-        if sampled == 0 or len(rest) == 0:
-            return 0.0
-        # the kept rows are exact: only the sampled remainder has variance
-        return self._sampled_variance(x[rest], y[rest], q, sampled)
 
 
 SKETCHES: dict[str, type[Sketch]] = {
