@@ -50,11 +50,13 @@ def print_bytes(report: dict) -> None:
     rows = report["results"]
     exact = rows[0]["activation_bytes"]
     kinds = sorted({k for r in rows for k in r["activation_bytes_by_kind"]})
-    print(f"\n{'case':<34} {'MiB':>8} {'× exact':>8}  " + "  ".join(f"{k[:14]:>14}" for k in kinds))
+    widths = [max(len(k), 8) for k in kinds]  # whole kind names: a cut header hides what a column is
+    case_width = max(34, *(len(label(r)) for r in rows))
+    print(f"\n{'case':<{case_width}} {'MiB':>8} {'× exact':>8}  " + "  ".join(f"{k:>{w}}" for k, w in zip(kinds, widths)))
     for r in rows:
         by_kind = r["activation_bytes_by_kind"]
-        print(f"{label(r):<34} {r['activation_bytes'] / MiB:>8.1f} {r['activation_bytes'] / exact:>8.3f}  "
-              + "  ".join(f"{by_kind.get(k, 0) / MiB:>14.1f}" for k in kinds))
+        print(f"{label(r):<{case_width}} {r['activation_bytes'] / MiB:>8.1f} {r['activation_bytes'] / exact:>8.3f}  "
+              + "  ".join(f"{by_kind.get(k, 0) / MiB:>{w}.1f}" for k, w in zip(kinds, widths)))
 
 
 def ratio_of(report: dict, savers: bool) -> float:
