@@ -12,7 +12,7 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -27,10 +27,10 @@ from .cli_options import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, 
                           DeviceOpt, DtypeOpt, ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt,
                           MaxLengthOpt, MaxTrainOpt, ModelOpt, OfflineOpt, OutputOpt, SaverOpt, SeedOpt, TaskOpt,
                           TextColumnsOpt, ToleranceActivationOpt, TolerancePeakOpt, ToleranceTimeOpt, TrainFileOpt, ValidationFileOpt,
-                          command_line, data_options, note, one_line, torchrun_environment)
-from .errors import ConfigError, OutputError, RandbpError, ReportWriteError
+                          data_options, note, one_line, torchrun_environment)
+from .errors import ConfigError, RandbpError
 from .options import CheckOptions, FinetuneOptions, ProfileOptions, VarianceOptions
-from .report import PROFILE_SCHEMA, FinetuneReport, ProfileReport, Report, load_report
+from .report import PROFILE_SCHEMA, FinetuneReport, load_report
 
 if TYPE_CHECKING:
     from .distributed import Distributed
@@ -147,75 +147,12 @@ def _quiet_libraries() -> None:
         datasets.logging.set_verbosity_error()
 
 
-def _deliver(report: Report, output: Optional[Path], json_output: bool, plot: Optional[Path] = None) -> None:
-    """The end of every run: the command line into the report; the report printed (one JSON document,
-    or the command's tables) *before* anything is written, so a failed write loses nothing on screen;
-    then the report (and plot) written. A report that cannot be written where asked is saved in the
-    working directory instead (said on stderr, and the command exits 1)."""
-    from .files import to_json, write_json_atomic
-    from .cli_console import print_tables
-    from .plots import plottable, write_plot
-    from .render import tables_for
-
-    report.command = command_line()
-    if json_output:
-        typer.echo(to_json(report.to_dict()))
-    else:
-        print_tables(tables_for([report]))
-    if output is not None:
-        try:
-            write_json_atomic(output, report.to_dict())
-        except (OutputError, ReportWriteError) as err:
-            raise ReportWriteError(f"{err}; {_saved_elsewhere(report)}") from None
-        note(f"report written to {output}")
-    if plot is not None and plottable([report]):
-        write_plot([report], plot)
-        note(f"plot written to {plot}")
-    elif plot is not None:
-        note(f"nothing measured: no plot written to {plot}")
-
-
-def _saved_elsewhere(report: Report) -> str:
-    from .files import write_fallback
-
-    try:
-        return f"the report was saved to {write_fallback(report.to_dict(), report.KIND)} instead"
-    except RandbpError as err:
-        return f"nor could it be saved in the working directory ({err})"
-
-
 def _tolerances(peak: str, time: Optional[str], activation: str) -> dict:
     from .check import parse_tolerance
 
     return {"tolerance_peak": parse_tolerance(peak, "--tolerance-peak"),
             "tolerance_time": parse_tolerance(time, "--tolerance-time"),
             "tolerance_activation": parse_tolerance(activation, "--tolerance-activation")}
-
-
-def _judge(current: ProfileReport, baseline: ProfileReport, tolerances: dict, *, quiet: bool,
-           show_all: bool = False, json_result: bool = False) -> NoReturn:
-    """The gate: warnings and the verdict on stderr, what moved on stdout (unless quiet); exit 1 on a regression."""
-    from .check import compare_reports
-    from .cli_console import print_tables
-    from .files import to_json
-    from .render import check_table
-
-    result = compare_reports(current, baseline, **tolerances)
-    if json_result:
-        typer.echo(to_json(result.to_dict()))
-    for warning in result.warnings:
-        note(f"warning: {warning}; numbers may differ for that reason alone")
-    if not quiet and (result.regressions or result.improvements or show_all):
-        print_tables([check_table(result, show_all=show_all)])
-    if result.regressions:
-        note(f"FAIL: {len(result.regressions)} metric(s) regressed across {result.matched} matched case(s)")
-    else:
-        improved = (f"; {len(result.improvements)} improvement(s): update the baseline to lock this in "
-                    "(randbp check CURRENT --baseline BASELINE --update)") if result.improvements else ""
-        note(f"PASS: {result.matched} case(s) match the baseline{improved}")
-    for case in result.new_cases:
-        note(f"note: case not in the baseline (not checked): {case}")
-    raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -259,7 +196,7 @@ def profile(
     output: OutputOpt = None,
 ) -> None:
     """Activation memory and step time of exact vs randomized backprop on a model."""
-    from .cli_console import phase_progress, stop_on_signals
+    from .cli_console import deliver, judge, phase_progress, stop_on_signals
     from .files import check_writable
     from .plans import ProfileConfig
     from .profiling import profile_model
@@ -280,13 +217,13 @@ def profile(
         tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
     with stop_on_signals() as stop, phase_progress(plan.total_steps) as progress:
         report = profile_model(plan, progress, stop)
-    _deliver(report, output, json_output)
+    deliver(report, output, json_output)
     if report.status == "interrupted":
         note("interrupted: the report holds the cases measured before the stop"
              + ("; not judged against the baseline" if check is not None else ""))
         raise typer.Exit(130)
     if check is not None:
-        _judge(report, baseline, tolerances, quiet=json_output)
+        judge(report, baseline, tolerances, quiet=json_output)
 
 
 @app.command()
@@ -302,6 +239,7 @@ def check(
 ) -> None:
     """Compare a profile report with a baseline: exit 1 if memory regressed, 2 on usage problems."""
     from .check import require_judgeable
+    from .cli_console import judge
     from .files import write_json_atomic
 
     tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
@@ -314,7 +252,7 @@ def check(
              f"({len(report.results)} cases)")
         return
     create = f"randbp check {shlex.quote(str(current))} --baseline {shlex.quote(str(baseline))} --update"
-    _judge(report, load_report(baseline, PROFILE_SCHEMA, if_missing=f"create it on purpose with: {create}"), tolerances,
+    judge(report, load_report(baseline, PROFILE_SCHEMA, if_missing=f"create it on purpose with: {create}"), tolerances,
            quiet=json_output, show_all=show_all, json_result=json_output)
 
 
@@ -401,6 +339,7 @@ def finetune(
     Several GPUs or machines: launch it with torchrun (torchrun --nproc-per-node N -m randbp_cli
     finetune ...); --batch-size is per process.
     """
+    from .cli_console import deliver
     from .plans import FinetuneConfig
 
     plan = FinetuneConfig(
@@ -415,7 +354,7 @@ def finetune(
     interrupted = report.status == "interrupted"
     if not dist.is_main:  # rank 0 alone prints and writes
         raise typer.Exit(130 if interrupted else 0)
-    _deliver(report, output, json_output)
+    deliver(report, output, json_output)
     save_errors = [run.save_error for run in report.runs if run.save_error]
     for message in save_errors:
         note(f"randbp: error: {message} (the report keeps the finished runs)")
@@ -488,7 +427,7 @@ def variance(
     output: OutputOpt = None,
 ) -> None:
     """Randomized vs mini-batch (SGD) gradient variance, per layer and sketch, on real batches."""
-    from .cli_console import stop_on_signals, training_progress
+    from .cli_console import deliver, stop_on_signals, training_progress
     from .files import check_writable
     from .plans import VarianceConfig
     from .plots import check_image_path
@@ -507,7 +446,7 @@ def variance(
         check_image_path(plot)
     with stop_on_signals() as stop, training_progress(stop) as callbacks:
         report = measure_variance(plan, callbacks)
-    _deliver(report, output, json_output, plot=plot)
+    deliver(report, output, json_output, plot=plot)
     if report.status == "interrupted":
         note("interrupted: the report holds what finished")
         raise typer.Exit(130)

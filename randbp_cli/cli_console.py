@@ -1,7 +1,9 @@
-"""What the CLI shows and hears while a command runs: the two consoles, progress, and Ctrl-C.
+"""What the CLI shows and hears while a command runs, and at its end: progress, Ctrl-C, the report.
 
 stdout carries the tables (or exactly one JSON document); everything else (progress, notes,
-warnings, errors) goes to stderr, as plain lines when stderr is not a terminal.
+warnings, errors) goes to stderr, as plain lines when stderr is not a terminal. At the end of a
+run `deliver` prints the report, then writes it (never the other way round), and `judge` gives
+the memory gate's verdict.
 """
 
 from __future__ import annotations
@@ -10,12 +12,21 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn, Optional
 
+import typer
 from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .cli_options import note
+from .check import compare_reports
+from .cli_options import command_line, note
+from .errors import OutputError, RandbpError, ReportWriteError
+from .files import to_json, write_fallback, write_json_atomic
+from .plots import plottable, write_plot
+from .render import check_table, tables_for
+from .report import ProfileReport, Report
 from .engine import TrainCallbacks
 from .tables import fit
 
@@ -118,3 +129,59 @@ def stop_on_signals():
             # once asked to stop, the command is ending: a further Ctrl-C while it writes what it kept
             # (or in the interpreter's exit handlers) would only lose the report or print a traceback
             signal.signal(sig, signal.SIG_IGN if state["stop"] and sig == signal.SIGINT else old)
+
+
+# ---------------------------------------------------------------------------- the end of a run
+
+
+def deliver(report: Report, output: Optional[Path], json_output: bool, plot: Optional[Path] = None) -> None:
+    """The end of every run: the command line into the report; the report printed (one JSON document,
+    or the command's tables) *before* anything is written, so a failed write loses nothing on screen;
+    then the report (and plot) written. A report that cannot be written where asked is saved in the
+    working directory instead (said on stderr, and the command exits 1)."""
+
+    report.command = command_line()
+    if json_output:
+        typer.echo(to_json(report.to_dict()))
+    else:
+        print_tables(tables_for([report]))
+    if output is not None:
+        try:
+            write_json_atomic(output, report.to_dict())
+        except (OutputError, ReportWriteError) as err:
+            raise ReportWriteError(f"{err}; {_saved_elsewhere(report)}") from None
+        note(f"report written to {output}")
+    if plot is not None and plottable([report]):
+        write_plot([report], plot)
+        note(f"plot written to {plot}")
+    elif plot is not None:
+        note(f"nothing measured: no plot written to {plot}")
+
+
+def _saved_elsewhere(report: Report) -> str:
+    try:
+        return f"the report was saved to {write_fallback(report.to_dict(), report.KIND)} instead"
+    except RandbpError as err:
+        return f"nor could it be saved in the working directory ({err})"
+
+
+def judge(current: ProfileReport, baseline: ProfileReport, tolerances: dict, *, quiet: bool,
+           show_all: bool = False, json_result: bool = False) -> NoReturn:
+    """The gate: warnings and the verdict on stderr, what moved on stdout (unless quiet); exit 1 on a regression."""
+
+    result = compare_reports(current, baseline, **tolerances)
+    if json_result:
+        typer.echo(to_json(result.to_dict()))
+    for warning in result.warnings:
+        note(f"warning: {warning}; numbers may differ for that reason alone")
+    if not quiet and (result.regressions or result.improvements or show_all):
+        print_tables([check_table(result, show_all=show_all)])
+    if result.regressions:
+        note(f"FAIL: {len(result.regressions)} metric(s) regressed across {result.matched} matched case(s)")
+    else:
+        improved = (f"; {len(result.improvements)} improvement(s): update the baseline to lock this in "
+                    "(randbp check CURRENT --baseline BASELINE --update)") if result.improvements else ""
+        note(f"PASS: {result.matched} case(s) match the baseline{improved}")
+    for case in result.new_cases:
+        note(f"note: case not in the baseline (not checked): {case}")
+    raise typer.Exit(result.exit_code)
