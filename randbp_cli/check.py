@@ -131,6 +131,9 @@ def require_guarded(report: ProfileReport, result: ProfileResult, tolerances: di
 
 def require_judgeable(report: ProfileReport) -> None:
     """Refuse, as a baseline, a report the gate could not judge against (`check --update`)."""
+    if report.status == "interrupted" or not report.results:
+        raise ReportError(f"{report.source or 'the report'} is {'an interrupted run' if report.results else 'empty'}"
+                          ": a baseline must hold every case it guards; profile them again, to the end")
     for result in report.results:
         require_guarded(report, result, {"peak": 0.0})
 
@@ -159,6 +162,9 @@ def compare_reports(current: ProfileReport, baseline: ProfileReport, *, toleranc
     now = {case_key(current, r): r for r in current.results}
     base = {case_key(baseline, r): r for r in baseline.results}
     common = [k for k in base if k in now]
+    if not base:
+        raise ReportError("the baseline holds no case: make it again (randbp check CURRENT --baseline BASELINE "
+                          "--update)")
     if not common:
         raise ReportError("the reports have no case in common (model, method, ρ, sketch, savers, compile mode, "
                           f"batch, seq, dtype, device; the baseline's first: {describe_key(next(iter(base)))}): "

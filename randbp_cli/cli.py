@@ -54,6 +54,7 @@ class _OneLineErrors(TyperGroup):
     """Turns usage errors and RandbpError into one stderr line and an exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        sigint = signal.getsignal(signal.SIGINT)
         try:
             result = super().main(args=args, prog_name=prog_name or "randbp", complete_var=complete_var,
                                   standalone_mode=False, **extra)
@@ -73,17 +74,18 @@ class _OneLineErrors(TyperGroup):
         except RandbpError as err:
             self._say(f"randbp: error: {one_line(str(err))}", rank_local=err.rank_local)
             code = err.exit_code
-        if code == 130:  # interrupted: a further Ctrl-C must not break the exit handlers into tracebacks
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if standalone_mode:
+            if code == 130:  # interrupted: a further Ctrl-C must not break the exit handlers into tracebacks
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             sys.exit(code)
+        signal.signal(signal.SIGINT, sigint)  # called from Python (a notebook): Ctrl-C works there again
         return code
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:  # Ctrl-C outside the loops that keep what finished (e.g. loading a model)
-            self._say("randbp: interrupted before anything was measured; nothing written")
+            self._say("randbp: interrupted; nothing written")
             raise typer.Exit(130) from None
 
     @staticmethod
@@ -110,6 +112,12 @@ def _repeat_hint(err, args: list[str]) -> str:
             return "; repeat the option for several values (" + " ".join(
                 f"{option} {part.strip()}" for part in value.split(",") if part.strip()) + ")"
     return ""
+
+
+def _nothing_measured() -> None:
+    """A stop before the first measurement: an empty report would only overwrite a good one."""
+    note("interrupted before anything was measured; nothing written")
+    raise typer.Exit(130)
 
 
 app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
@@ -217,6 +225,8 @@ def profile(
         tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
     with stop_on_signals() as stop, phase_progress(plan.total_steps) as progress:
         report = profile_model(plan, progress, stop)
+    if report.status == "interrupted" and not report.results:
+        _nothing_measured()
     deliver(report, output, json_output)
     if report.status == "interrupted":
         note("interrupted: the report holds the cases measured before the stop"
@@ -352,6 +362,8 @@ def finetune(
         compile_mode=compile_mode).resolve()
     report, dist = _finetune_on_this_rank(plan, backend, output)
     interrupted = report.status == "interrupted"
+    if interrupted and not any(run.epochs for run in report.runs):
+        _nothing_measured()
     if not dist.is_main:  # rank 0 alone prints and writes
         raise typer.Exit(130 if interrupted else 0)
     deliver(report, output, json_output)
@@ -446,6 +458,8 @@ def variance(
         check_image_path(plot)
     with stop_on_signals() as stop, training_progress(stop) as callbacks:
         report = measure_variance(plan, callbacks)
+    if report.status == "interrupted" and not report.records:
+        _nothing_measured()
     deliver(report, output, json_output, plot=plot)
     if report.status == "interrupted":
         note("interrupted: the report holds what finished")

@@ -27,7 +27,7 @@ from .files import to_json, write_fallback, write_json_atomic
 from .plots import plottable, write_plot
 from .render import check_table, tables_for
 from .report import ProfileReport, Report
-from .engine import TrainCallbacks
+from .engine import TrainCallbacks, interruptible_now
 from .tables import fit
 
 err_console = Console(stderr=True)
@@ -113,12 +113,12 @@ def training_progress(should_stop, enabled: bool = True):
 @contextmanager
 def stop_on_signals():
     """SIGINT/SIGTERM ask the run to stop after the current step (it keeps what finished); a second
-    SIGINT interrupts the step itself."""
+    SIGINT cuts the running step itself short (engine.interruptible), never the writing of the report."""
     state = {"stop": False}
 
     def handler(signum, frame):
-        if state["stop"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if state["stop"] and signum == signal.SIGINT and interruptible_now():
+            raise KeyboardInterrupt  # cuts the running step short; its loop keeps what finished
         state["stop"] = True
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -18,6 +18,7 @@ measured steps); they hear about progress through the callbacks defined here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,26 @@ from .methods import Method, prepare_model
 
 Batch = dict[str, Tensor]
 Progress = Callable[[str, int], None]  # (what is running, steps completed so far)
+
+
+_steps_running = 0
+
+
+@contextmanager
+def interruptible():
+    """Marks work a second Ctrl-C may cut short (training and measuring steps, whose loops catch the
+    KeyboardInterrupt and keep what finished). Outside it, the CLI's handler only records the stop:
+    writing what was kept must never be cut short."""
+    global _steps_running
+    _steps_running += 1
+    try:
+        yield
+    finally:
+        _steps_running -= 1
+
+
+def interruptible_now() -> bool:
+    return _steps_running > 0
 
 
 @dataclass

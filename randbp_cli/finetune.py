@@ -28,7 +28,7 @@ from torch import nn
 from .data import TaskInputs, load_model_and_task, load_task_model
 from .devices import dtype_name
 from .distributed import SINGLE, Distributed, all_reduce_sum, gather_objects, shard
-from .engine import Engine, TrainCallbacks
+from .engine import Engine, TrainCallbacks, interruptible
 from .environment import environment
 from .errors import ConfigError
 from .meters import NvmlSampler, synchronize
@@ -138,32 +138,33 @@ def _train_epoch(run: _Run, epoch: int, callbacks: TrainCallbacks, dist: Distrib
     run.sampler.set_epoch(epoch)
     epoch_loss, epoch_batches, epoch_start = 0.0, 0, time.perf_counter()
     try:
-        for micro, batch in enumerate(run.loader):
-            batch = engine.to_device(batch)
-            if run.memory["activation_bytes"] is None:
-                loss = _probe_memory(run, batch)
-            else:
-                loss = engine.forward(batch)
-                engine.backward(loss, run.grad_accum)
-            # one collective per batch: the mean loss over ranks, and whether any rank was asked
-            # to stop (all ranks must stop at the same step, or the next collective would hang)
-            loss_sum, stops = all_reduce_sum(dist, [loss.item(), float(callbacks.should_stop())], engine.device)
-            epoch_loss += loss_sum / dist.world_size
-            epoch_batches += 1
-            run.tokens += int(batch["attention_mask"].sum())
-            if (micro + 1) % run.grad_accum and micro + 1 != len(run.loader):
-                continue
-            engine.optimizer_step()
-            run.step += 1
-            if callbacks.on_step:
-                callbacks.on_step(run.name, run.step, loss_sum / dist.world_size, engine.scheduler.get_last_lr()[0])
-            if run.step >= run.total_steps or stops > 0:
-                run.stopped = run.step < run.total_steps  # a stop after the last step changes nothing
-                break
+        with interruptible():
+            for micro, batch in enumerate(run.loader):
+                batch = engine.to_device(batch)
+                if run.memory["activation_bytes"] is None:
+                    loss = _probe_memory(run, batch)
+                else:
+                    loss = engine.forward(batch)
+                    engine.backward(loss, run.grad_accum)
+                # one collective per batch: the mean loss over ranks, and whether any rank was asked
+                # to stop (all ranks must stop at the same step, or the next collective would hang)
+                loss_sum, stops = all_reduce_sum(dist, [loss.item(), float(callbacks.should_stop())], engine.device)
+                epoch_loss += loss_sum / dist.world_size
+                epoch_batches += 1
+                run.tokens += int(batch["attention_mask"].sum())
+                if (micro + 1) % run.grad_accum and micro + 1 != len(run.loader):
+                    continue
+                engine.optimizer_step()
+                run.step += 1
+                if callbacks.on_step:
+                    callbacks.on_step(run.name, run.step, loss_sum / dist.world_size, engine.scheduler.get_last_lr()[0])
+                if run.step >= run.total_steps or stops > 0:
+                    run.stopped = run.step < run.total_steps  # a stop after the last step changes nothing
+                    break
     except KeyboardInterrupt:  # Ctrl-C inside a step (a second one): the steps before it are kept
         if dist.enabled:  # ranks cannot agree on where to stop now: the launcher ends the job
             raise
-        run.stopped = True
+        run.stopped = run.step < run.total_steps  # cut short after the last step: the run is complete
     synchronize(engine.device)
     run.train_time += time.perf_counter() - epoch_start
     return {"epoch": epoch, "steps": run.step, "train_loss": epoch_loss / max(epoch_batches, 1),
@@ -183,8 +184,9 @@ def _train_epochs(run: _Run, record: FinetuneRun, spec: TaskSpec, callbacks: Tra
         try:
             # the plain module, not the DDP wrapper: ranks hold different numbers of evaluation
             # batches, and DDP's forward would start a buffer broadcast on each of them
-            entry["eval"] = {split: evaluate(run.engine.model, loader, spec, run.engine.device, dist)
-                             for split, loader in run.eval_loaders.items()}
+            with interruptible():
+                entry["eval"] = {split: evaluate(run.engine.model, loader, spec, run.engine.device, dist)
+                                 for split, loader in run.eval_loaders.items()}
         except KeyboardInterrupt:  # the epoch's training is kept, without its evaluation
             if dist.enabled:
                 raise

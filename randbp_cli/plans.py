@@ -216,6 +216,7 @@ class FinetuneConfig(FinetuneOptions):
         dtype = resolve_dtype(self.dtype)
         self._check_numbers()
         task = None if self.custom_data else get_task(self.task)
+        self._check_data_options()  # after the task: an unknown task is said as such first
         device = resolve_device(self.device)
         return dict(config=copy.deepcopy(self), device=device, dtype=dtype, model_name=self.model_name(), task=task,
                     compile=_compile_mode(self.compile, self.compile_mode, device)), sketch
@@ -234,7 +235,6 @@ class FinetuneConfig(FinetuneOptions):
             raise ConfigError(f"warm-up ratio must be in [0, 1) (got {self.warmup_ratio})")
         if (self.train_file is None) != (self.validation_file is None):
             raise ConfigError("give both --train-file and --validation-file")
-        self._check_data_options()
 
     def _check_data_options(self) -> None:
         """Refuse data options the chosen data never reads (silently ignoring them would mislead)."""

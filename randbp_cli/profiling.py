@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import signal
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from .convert import select_linears
 from .devices import dtype_name
-from .engine import Batch, Engine, Progress
+from .engine import Batch, Engine, Progress, interruptible
 from .environment import environment
 from .errors import ConfigError
 from .meters import NvmlSampler, summarize_times
@@ -162,16 +163,20 @@ def _profile_in_process(model: nn.Module, model_name: str, plan: ProfilePlan, ca
             if should_stop():
                 raise KeyboardInterrupt
             progress(f"memory: {case.label}", done)
-            engine.apply(case.method)
-            results.append(_case_result(case, plan, model_name, profiler.measure_memory(case)))
+            with interruptible():
+                engine.apply(case.method)
+                measured = profiler.measure_memory(case)
+            results.append(_case_result(case, plan, model_name, measured))
             done += plan.warmup_steps + 1 + (plan.device.type == "cuda")
         for round_index in range(config.steps):
             for case, case_samples in zip(cases, samples):
                 if should_stop():
                     raise KeyboardInterrupt
                 progress(f"timing round {round_index + 1}/{config.steps}: {case.label}", done)
-                engine.apply(case.method)
-                case_samples.append(engine.timed_step(profiler.batches[case.batch_size]))
+                with interruptible():
+                    engine.apply(case.method)
+                    sample = engine.timed_step(profiler.batches[case.batch_size])
+                case_samples.append(sample)
                 done += 1
     except KeyboardInterrupt:  # keep what finished; the step that was cut off counts for nothing
         for result, case_samples in zip(results, samples):
@@ -189,8 +194,9 @@ def _profile_in_process(model: nn.Module, model_name: str, plan: ProfilePlan, ca
                     raise KeyboardInterrupt
                 seen.add(case.method)
                 progress(f"budget {config.budget_mib:g} MiB: {case.label}", done)
-                engine.apply(case.method)
-                result.budget = profiler.largest_batch_within(case, plan.budget_bytes)
+                with interruptible():
+                    engine.apply(case.method)
+                    result.budget = profiler.largest_batch_within(case, plan.budget_bytes)
         except KeyboardInterrupt:
             return results, True
     engine.apply(EXACT)
@@ -238,7 +244,16 @@ def _profile_isolated(plan: ProfilePlan, progress: Progress | None,
             return results, True
         if progress:
             progress(f"isolated process: {case.label}", i * per_case)
-        with context.Pool(1, initializer=_worker_init, initargs=_transformers_chatter()) as pool:
+        # the worker starts with Ctrl-C ignored (a disposition survives the exec), so a press while it
+        # imports torch prints no traceback there; the parent's own handler is back at once
+        main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            pool = context.Pool(1, initializer=_worker_init, initargs=_transformers_chatter())
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+        with pool, interruptible():
             try:
                 results.append(pool.apply(_isolated_case, (plan, case)))
             except KeyboardInterrupt:  # leaving the block terminates the worker

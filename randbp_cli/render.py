@@ -45,6 +45,7 @@ def _sci(value, digits: int = 3) -> str:
 # table gets a column for it, so two "exact" rows from two runs never look the same.
 RUN_FIELDS = {
     "device": lambda report: f"{(report.config or {}).get('device', '?')}",
+    "device name": lambda report: f"{(report.environment or {}).get('device_name', '?')}",
     "dtype": lambda report: f"{(report.config or {}).get('dtype', '?')}",
     "torch": lambda report: f"{(report.environment or {}).get('torch', '?')}",
     "commit": lambda report: _commit(report.environment or {}),
@@ -63,6 +64,7 @@ def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None
     results = report.results
     model = report.model or {}
     origins = [source for source in merged_from or [] for _ in source.results]
+    labels = _file_labels(merged_from or [])
     run_fields = [name for name, get in RUN_FIELDS.items() if len({get(o) for o in merged_from or []}) > 1]
     show_mode = len({r.compile for r in results}) > 1
     show_cuda = any(r.cuda for r in results)
@@ -72,7 +74,8 @@ def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None
     show_savers = any(r.savers for r in results)
     budget = next((r.budget for r in results if r.budget), None)
     title = (f"randbp profile: {model.get('name', '?')} ({model.get('weights', '?')} weights)"
-             + (", interrupted: the cases measured before the stop" if report.status == "interrupted" else ""))
+             + (", interrupted: the cases measured before the stop"
+                if report.status == "interrupted" and not merged_from else ""))
     caption = _merged_caption(merged_from) if merged_from else _profile_caption(report)
     identity = ["report"] * bool(origins) + ["method", "ρ", "sketch"] + ["savers"] * show_savers
     table = ReportTable(title=title, caption=caption, title_justify="left", keys=len(identity),
@@ -87,7 +90,7 @@ def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None
     for index, r in enumerate(results):
         saving = r.activation_saving_vs_exact
         baseline = r.method == "exact" and not r.savers
-        row = [*([_file_label(origins[index])] if origins else []), r.method, "—" if r.rho is None else f"{r.rho:g}",
+        row = [*([labels[id(origins[index])]] if origins else []), r.method, "—" if r.rho is None else f"{r.rho:g}",
                r.sketch or "—", *([", ".join(r.savers or []) or "—"] if show_savers else []),
                *([r.compile or "eager"] if show_mode else []), *[RUN_FIELDS[name](origins[index]) for name in run_fields],
                str(r.batch_size), str(r.seq_len),
@@ -109,8 +112,10 @@ def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None
     return table
 
 
-def _file_label(report: Report) -> str:
-    return Path(report.source).name if report.source else "?"
+def _file_labels(reports: list[Report]) -> dict[int, str]:
+    """Each report's file name, or its path as given where two share a name (a/p.json, b/p.json)."""
+    names = [Path(r.source).name if r.source else "?" for r in reports]
+    return {id(r): (str(r.source) if names.count(name) > 1 and r.source else name) for r, name in zip(reports, names)}
 
 
 def _count(count, noun: str) -> str:
@@ -134,8 +139,9 @@ def _profile_caption(report: ProfileReport) -> str:
 
 def _merged_caption(reports: list[ProfileReport]) -> str:
     """One line per merged file: its rows' run (each vs exact and time × exact is against its own file's exact)."""
-    lines = [f"{_file_label(r)} ({_count(len(r.results), 'row')}, commit {_commit(r.environment or {})}): "
-             f"{_profile_caption(r)}" for r in reports]
+    labels = _file_labels(reports)
+    lines = [f"{labels[id(r)]} ({_count(len(r.results), 'row')}, commit {_commit(r.environment or {})}"
+             f"{', interrupted' if r.status == 'interrupted' else ''}): {_profile_caption(r)}" for r in reports]
     return "\n".join(["vs exact and time × exact: against the exact case of the row's own report", *lines])
 
 

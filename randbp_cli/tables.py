@@ -107,6 +107,8 @@ def _fit(table: Table, width: int | None) -> list:
             groups.append([column])
         else:
             return [_records(table)]
+    if not groups:  # nothing beside the keys, and the keys alone are too wide
+        return [_records(table)]
     return [_part(table, keys + group, f"{table.title} ({number}/{len(groups)})" if table.title else None,
                   table.caption if number == len(groups) else None, wrap_header=True)
             for number, group in enumerate(groups, 1)]

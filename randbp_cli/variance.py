@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .convert import name_matches
 from .data import load_model_and_task
-from .engine import Engine, TrainCallbacks
+from .engine import Engine, TrainCallbacks, interruptible
 from .environment import environment
 from .errors import ConfigError
 from .gelu import FewBitGELU, gelu_gradient_error
@@ -216,28 +216,29 @@ def _train_and_measure(plan: VariancePlan, engine: Engine, loader, layers: list[
     batches = iter(loader)
     torch.manual_seed(config.seed)
     try:
-        for step in range(config.steps + 1):
-            try:
-                batch = next(batches)
-            except StopIteration:  # a new epoch, reshuffled
-                batches = iter(loader)
-                batch = next(batches)
-            batch = engine.to_device(batch)
-            if step in measured_steps:
-                loss, measured, gelu_measured = _measure_step(plan, engine, batch, step, layers)
-                records += measured
-                gelu_errors += gelu_measured
-                losses[step] = loss.item()
-            else:
-                loss = engine.forward(batch)
-                engine.backward(loss)
-            if step == config.steps:
-                break
-            engine.optimizer_step()
-            if callbacks.on_step:
-                callbacks.on_step("variance", step + 1, loss.item(), engine.scheduler.get_last_lr()[0])
-            if callbacks.should_stop():
-                return records, gelu_errors, losses, "interrupted"
+        with interruptible():
+            for step in range(config.steps + 1):
+                try:
+                    batch = next(batches)
+                except StopIteration:  # a new epoch, reshuffled
+                    batches = iter(loader)
+                    batch = next(batches)
+                batch = engine.to_device(batch)
+                if step in measured_steps:
+                    loss, measured, gelu_measured = _measure_step(plan, engine, batch, step, layers)
+                    records += measured
+                    gelu_errors += gelu_measured
+                    losses[step] = loss.item()
+                else:
+                    loss = engine.forward(batch)
+                    engine.backward(loss)
+                if step == config.steps:
+                    break
+                engine.optimizer_step()
+                if callbacks.on_step:
+                    callbacks.on_step("variance", step + 1, loss.item(), engine.scheduler.get_last_lr()[0])
+                if callbacks.should_stop():
+                    return records, gelu_errors, losses, "interrupted"
     except KeyboardInterrupt:  # Ctrl-C inside a step (a second one): the measurements before it are kept
         return records, gelu_errors, losses, "interrupted"
     return records, gelu_errors, losses, "completed"

@@ -81,15 +81,41 @@ def test_ctrl_c_twice_in_finetune_exits_quietly_with_the_report(tmp_path):
     assert report["status"] == "interrupted" and report["runs"][0]["epochs"][0]["eval"]
 
 
-def test_ctrl_c_before_anything_is_measured_says_so(tmp_path):
+def test_a_stop_before_anything_is_measured_writes_nothing(tmp_path, monkeypatch):
+    """An empty report would only overwrite a good one (and, as a baseline, guard nothing)."""
+    import contextlib
+
+    import randbp_cli.cli_console
+
+    @contextlib.contextmanager
+    def stopped_at_once():
+        yield lambda: True
+
+    monkeypatch.setattr(randbp_cli.cli_console, "stop_on_signals", stopped_at_once)
     out = tmp_path / "p.json"
-    proc = _start([*TINY_PROFILE, "--steps", "100000", "--isolate"], out)
-    _wait_for(proc, "isolated process")
-    stdout, stderr = _interrupt(proc, 2)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    report = json.loads(out.read_text())  # what finished (perhaps nothing) is still a valid report
-    assert report["status"] == "interrupted"
+    out.write_text("a good report")
+    result = CliRunner().invoke(app, [*TINY_PROFILE, "--steps", "1", "-o", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted before anything was measured; nothing written" in result.stderr
+    assert out.read_text() == "a good report"
+
+
+def test_a_second_ctrl_c_cuts_only_a_step_short():
+    """Outside a step (writing the report, building the next run) a second Ctrl-C only records the stop:
+    it used to raise anywhere, and a press while the report was assembled lost the whole run."""
+    from randbp_cli.cli_console import stop_on_signals
+    from randbp_cli.engine import interruptible
+
+    try:
+        with stop_on_signals() as should_stop:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # outside a step: no KeyboardInterrupt
+            assert should_stop()
+            with pytest.raises(KeyboardInterrupt), interruptible():
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the command is ending: presses ignored
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

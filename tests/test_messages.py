@@ -117,3 +117,16 @@ def test_median_of_one_step_is_singular():
     report = load_report(BASELINE)
     report.config = {**report.config, "steps": 1}
     assert "median of 1 step after" in _profile_caption(report)
+
+
+def test_an_empty_or_interrupted_report_is_no_baseline(tmp_path):
+    report = json.loads(BASELINE.read_text())
+    interrupted = {**report, "status": "interrupted", "results": report["results"][:2]}
+    empty = {**report, "status": "interrupted", "results": []}
+    for name, data, needle in (("i.json", interrupted, "is an interrupted run"), ("e.json", empty, "is empty")):
+        (tmp_path / name).write_text(json.dumps(data))
+        line = one_error_line(invoke("check", tmp_path / name, "--baseline", tmp_path / "new.json", "--update"))
+        assert needle in line and not (tmp_path / "new.json").exists()
+    # a baseline made empty by an older randbp: one line, not a StopIteration traceback
+    line = one_error_line(invoke("check", BASELINE, "--baseline", tmp_path / "e.json"))
+    assert "the baseline holds no case" in line

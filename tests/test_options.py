@@ -21,7 +21,8 @@ RENAMED = {"rho": "rhos", "sketch": "sketches", "method": "methods", "batch_size
            "compile_model": "compile"}
 VARIANCE_RENAMED = {"sketch": "sketches", "layer": "layers", "train_sketch": "sketch", "saver": "savers",
                     "compile_model": "compile"}
-CASES = [("profile", options.ProfileOptions, RENAMED), ("finetune", options.FinetuneOptions, RENAMED),
+FINETUNE_RENAMED = {"rho": "rhos", "method": "methods", "saver": "savers", "compile_model": "compile"}
+CASES = [("profile", options.ProfileOptions, RENAMED), ("finetune", options.FinetuneOptions, FINETUNE_RENAMED),
          ("variance", options.VarianceOptions, VARIANCE_RENAMED), ("check", options.CheckOptions, {})]
 
 

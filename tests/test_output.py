@@ -147,4 +147,25 @@ def test_merged_reports_name_their_files_and_what_differs(tmp_path):
 
 def test_one_report_has_no_file_column():
     result = invoke(None, "report", RESULTS / "profile-roberta-base-cpu.json", "--format", "markdown")
+    assert result.exit_code == 0, result.output
     assert "| method |" in result.stdout and "report |" not in result.stdout.splitlines()[2]
+
+
+def test_merged_files_of_one_name_are_told_apart_by_path(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "p.json").write_text((RESULTS / "profile-roberta-base-cpu.json").read_text())
+    result = invoke(None, "report", tmp_path / "a" / "p.json", tmp_path / "b" / "p.json")
+    assert result.exit_code == 0, result.output
+    assert str(tmp_path / "a" / "p.json") in result.stdout and str(tmp_path / "b" / "p.json") in result.stdout
+
+
+@pytest.mark.parametrize("keys", [1, 2])
+def test_a_table_of_keys_only_is_never_dropped(keys):
+    """A table with nothing beside its key columns, too wide for the terminal, printed nothing."""
+    table = ReportTable(title="t", keys=keys)
+    for name in ["a long key column header"] * keys:
+        table.add_column(name, no_wrap=True)
+    table.add_row(*["912,605,252 and more"] * keys)
+    out = _render(fit(table, 10), 10)
+    assert "912,605,252 and more" in out
