@@ -139,17 +139,17 @@ def deliver(report: Report, output: Optional[Path], json_output: bool, plot: Opt
     or the command's tables) *before* anything is written, so a failed write loses nothing on screen;
     then the report (and plot) written. A report that cannot be written where asked is saved in the
     working directory instead (said on stderr, and the command exits 1)."""
-
     report.command = command_line()
+    data = report.to_dict()
     if json_output:
-        typer.echo(to_json(report.to_dict()))
+        typer.echo(to_json(data))
     else:
         print_tables(tables_for([report]))
     if output is not None:
         try:
-            write_json_atomic(output, report.to_dict())
+            write_json_atomic(output, data)
         except (OutputError, ReportWriteError) as err:
-            raise ReportWriteError(f"{err}; {_saved_elsewhere(report)}") from None
+            raise ReportWriteError(f"{err}; {_saved_elsewhere(data, report.KIND)}") from None
         note(f"report written to {output}")
     if plot is not None and plottable([report]):
         write_plot([report], plot)
@@ -158,17 +158,16 @@ def deliver(report: Report, output: Optional[Path], json_output: bool, plot: Opt
         note(f"nothing measured: no plot written to {plot}")
 
 
-def _saved_elsewhere(report: Report) -> str:
+def _saved_elsewhere(data: dict, kind: str) -> str:
     try:
-        return f"the report was saved to {write_fallback(report.to_dict(), report.KIND)} instead"
+        return f"the report was saved to {write_fallback(data, kind)} instead"
     except RandbpError as err:
         return f"nor could it be saved in the working directory ({err})"
 
 
 def judge(current: ProfileReport, baseline: ProfileReport, tolerances: dict, *, quiet: bool,
-           show_all: bool = False, json_result: bool = False) -> NoReturn:
+          show_all: bool = False, json_result: bool = False) -> NoReturn:
     """The gate: warnings and the verdict on stderr, what moved on stdout (unless quiet); exit 1 on a regression."""
-
     result = compare_reports(current, baseline, **tolerances)
     if json_result:
         typer.echo(to_json(result.to_dict()))

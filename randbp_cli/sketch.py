@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .options import DEFAULT_SKETCH  # noqa: F401 - re-exported: the one default, in options.py
 
 
 def sketch_rows(n_rows: int, rho: float, min_rows: int = 1) -> int:
@@ -34,7 +35,6 @@ def check_rho(rho: float) -> float:
     return float(rho)
 
 
-DEFAULT_SKETCH = "balanced"
 
 
 def draw_seed() -> int:
