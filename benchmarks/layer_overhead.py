@@ -33,10 +33,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from randbp_cli import RandomizedLinear, balanced_triton  # noqa: E402
-from randbp_cli.environment import environment  # noqa: E402
-from randbp_cli.files import write_json_atomic  # noqa: E402
-from randbp_cli.sketches import sketch_names  # noqa: E402
+from randbp_cli import RandomizedLinear  # noqa: E402
+
+from randbp_cli.kernels import balanced_triton
+from randbp_cli.measure.environment import environment  # noqa: E402
+from randbp_cli.reports.files import write_json_atomic  # noqa: E402
+from randbp_cli.core.sketches import sketch_names  # noqa: E402
 
 SHAPES = [(768, 3072), (3072, 768)]
 VIEW_OPS = {"view", "t", "_unsafe_view", "permute", "detach", "reshape", "expand", "transpose", "slice", "select",
@@ -44,7 +46,7 @@ VIEW_OPS = {"view", "t", "_unsafe_view", "permute", "detach", "reshape", "expand
 
 
 # randbp's graph-safe custom ops, seen here as one op each, and the kernels each launches on a GPU:
-# the draw writes a seed and then Sᵀx (randbp_cli/ops.py); the others launch one
+# the draw writes a seed and then Sᵀx (randbp_cli/core/ops.py); the others launch one
 KERNELS_PER_OP = {"sketch_draw": 2}
 
 

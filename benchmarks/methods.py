@@ -26,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from randbp_cli.plans import ProfileConfig  # noqa: E402
-from randbp_cli.profiling import run_profile  # noqa: E402
-from randbp_cli.environment import environment  # noqa: E402
-from randbp_cli.files import write_json_atomic  # noqa: E402
-from randbp_cli.sketches import sketch_names  # noqa: E402
+from randbp_cli.run.plans import ProfileConfig  # noqa: E402
+from randbp_cli.commands.profile import run_profile  # noqa: E402
+from randbp_cli.measure.environment import environment  # noqa: E402
+from randbp_cli.reports.files import write_json_atomic  # noqa: E402
+from randbp_cli.core.sketches import sketch_names  # noqa: E402
 
 LINEAR_COST = ("balanced", "countsketch", "crs", "wta-crs")
 LAYER_KINDS = ["attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -83,9 +83,9 @@ def budget(args) -> list[dict]:
 
 
 def variance(args) -> dict[float, dict]:
-    from randbp_cli.models import load_model
-    from randbp_cli.plans import VarianceConfig
-    from randbp_cli.variance import run_variance
+    from randbp_cli.data.models import load_model
+    from randbp_cli.run.plans import VarianceConfig
+    from randbp_cli.commands.variance import run_variance
 
     middle = load_model(args.model, offline=True).model.config.num_hidden_layers // 2  # block 6 of 12
     layers = [f"roberta.encoder.layer.{middle}.{kind}" for kind in LAYER_KINDS]

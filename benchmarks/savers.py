@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from randbp_cli.plans import ProfileConfig  # noqa: E402
-from randbp_cli.profiling import run_profile  # noqa: E402
-from randbp_cli.environment import environment  # noqa: E402
-from randbp_cli.files import write_json_atomic  # noqa: E402
+from randbp_cli.run.plans import ProfileConfig  # noqa: E402
+from randbp_cli.commands.profile import run_profile  # noqa: E402
+from randbp_cli.measure.environment import environment  # noqa: E402
+from randbp_cli.reports.files import write_json_atomic  # noqa: E402
 
 MiB = 2**20
 SAVERS = ["dropout", "gelu:2"]

@@ -14,20 +14,18 @@ start, `randbp --help`) does not import torch.
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS = {
     **dict.fromkeys(["convert", "converted_names", "describe_conversion", "restore", "select_linears",
-                     "skipped_linears"], "convert"),
+                     "skipped_linears"], "core.convert"),
     **dict.fromkeys(["ConfigError", "RandbpError"], "errors"),
-    **dict.fromkeys(["RandomizedLinear", "RandomizedLinearFunction", "randomized_linear"], "layers"),
-    **dict.fromkeys(["SavedTensorCounter", "count_saved_bytes", "live_bytes_after"], "memory"),
-    **dict.fromkeys(["apply_savers", "describe_savers", "restore_savers", "saver_names"], "savers"),
-    **dict.fromkeys(["Sketch", "get_sketch", "sketch_names", "sketch_rows"], "sketches"),
+    **dict.fromkeys(["RandomizedLinear", "RandomizedLinearFunction", "randomized_linear"], "core.layers"),
+    **dict.fromkeys(["SavedTensorCounter", "count_saved_bytes", "live_bytes_after"], "measure.memory"),
+    **dict.fromkeys(["apply_savers", "describe_savers", "restore_savers", "saver_names"], "savers.registry"),
+    **dict.fromkeys(["Sketch", "get_sketch", "sketch_names", "sketch_rows"], "core.sketches"),
 }
 
 __all__ = [
@@ -50,15 +48,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-class _Package(types.ModuleType):
-    """Importing the submodule `randbp_cli.convert` binds it as the package's attribute `convert`,
-    which is the function `convert`: the function keeps the name, as when it was imported eagerly."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            value = getattr(value, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -1,6 +1,6 @@
 """`python -m randbp_cli ...` is the `randbp` command."""
 
-from .cli import main
+from .cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """The errors randbp raises for things a user can fix.
 
 The library never prints and never exits; it raises one of these with a message that names
-the setting, the value it saw and what to do instead. Only `cli.py` turns them into a single
+the setting, the value it saw and what to do instead. Only the CLI (`cli/main.py`) turns them into a single
 line on stderr and an exit code (`exit_code`: 2 for usage mistakes, 1 for runtime failures).
 """
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from randbp_cli import RandomizedLinear
-from randbp_cli.sketches import sketch_names
+from randbp_cli.core.sketches import sketch_names
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ def requires_cuda(test):
 @pytest.fixture
 def tiny_roberta():
     """The built-in roberta-tiny architecture, random init, train mode."""
-    from randbp_cli.models import load_model
+    from randbp_cli.data.models import load_model
 
     model = load_model("roberta-tiny", offline=True).model
     model.train()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import requires_cuda
 from randbp_cli import RandomizedLinear
-from randbp_cli.sketches import get_sketch, sketch_names
+from randbp_cli.core.sketches import get_sketch, sketch_names
 
 CUDA = torch.device("cuda")
 
@@ -78,7 +78,7 @@ def test_linear_bytes_are_the_same_on_cpu_and_gpu():
     """The sketches' bytes, and the bytes of all linear-layer inputs, match across devices. How the
     inputs split between "kept only by a linear layer" and "shared" does not: CUDA's fused attention
     also saves its output, the attention output projection's input, which CPU attention does not."""
-    from randbp_cli.profiling import ProfileConfig, run_profile
+    from randbp_cli.commands.profile import ProfileConfig, run_profile
 
     by_device = {}
     for device in ("cpu", "cuda"):
@@ -95,7 +95,7 @@ def test_linear_bytes_are_the_same_on_cpu_and_gpu():
 
 @requires_cuda
 def test_profile_cli_reports_allocator_and_nvml_numbers():
-    from randbp_cli.cli import app
+    from randbp_cli.cli.main import app
 
     result = CliRunner().invoke(app, ["profile", "--model", "roberta-tiny", "--device", "cuda", "--seq-len", "32",
                                       "--steps", "2", "--warmup", "1", "--rho", "0.5", "--json"])
@@ -118,7 +118,7 @@ def test_profile_cli_reports_allocator_and_nvml_numbers():
 @pytest.mark.parametrize("n_rows, cols, k", [(1, 8, 1), (1000, 768, 100), (4096, 3072, 2048), (333, 130, 333)])
 def test_fused_kernel_matches_the_reference_on_the_gpu(dtype, n_rows, cols, k):
     """The same S on both devices (exactly: sketch the identity) and values to fp32 rounding."""
-    from randbp_cli import balanced, balanced_triton
+    from randbp_cli.kernels import balanced, balanced_triton
 
     seed = torch.tensor(2**62 - 987654321, dtype=torch.int64, device=CUDA)
     if n_rows <= 1000:
