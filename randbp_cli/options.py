@@ -3,7 +3,7 @@
 `ProfileOptions`, `FinetuneOptions` and `VarianceOptions` are plain dataclasses (strings and numbers,
 no torch), so the command line takes its defaults from them at start-up (`randbp --help` stays
 fast) and a library user who builds a config gets the same run as the CLI's defaults
-(tests/test_options.py compares them). plans.py's configs add `resolve()`: checking and parsing.
+(tests/run/test_options.py compares them). plans.py's configs add `resolve()`: checking and parsing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "roberta-base"
 SYNTHETIC_DEFAULT_MODEL = "roberta-tiny"
+SYNTHETIC_LM_DEFAULT_MODEL = "llama-tiny"
 # sketches.py's default and names, spelled out so that this module needs no torch (a test holds them equal)
 DEFAULT_SKETCH = "balanced"
 SKETCH_NAMES = ("balanced", "gaussian", "rademacher", "countsketch", "srht", "crs", "wta-crs")
@@ -46,6 +47,11 @@ class ProfileOptions:
     savers: list[str] = field(default_factory=list)  # applied with every method but the exact baseline
     compile: bool = False  # torch.compile every case alike
     compile_mode: str | None = None
+    lora: int | None = None  # LoRA rank: PEFT's LoRA on the model, every case alike (run/lora.py)
+    lora_alpha: float | None = None  # None: 2 × rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # None: every linear layer but the LM head ("all-linear")
+    skip_kept: bool = True  # leave exact the layers whose input another op keeps anyway (a probe forward)
 
 
 @dataclass
@@ -53,7 +59,7 @@ class FinetuneOptions:
     """`randbp finetune`: the data, the model, the runs and how they train (Fairseq's GLUE recipe)."""
 
     task: str = "mrpc"
-    model: str | None = None  # roberta-base; roberta-tiny for the synthetic task
+    model: str | None = None  # roberta-base; roberta-tiny for the synthetic task, llama-tiny for synthetic-lm
     rhos: list[float] = field(default_factory=list)  # empty: exact training only
     compare: bool = False  # add an exact run beside the randomized ones
     methods: list[str] | None = None  # explicit: exact, randomized, checkpoint, checkpoint+randomized
@@ -88,6 +94,11 @@ class FinetuneOptions:
     savers: list[str] = field(default_factory=list)  # applied with every run but --compare's exact one
     compile: bool = False  # torch.compile every run alike
     compile_mode: str | None = None
+    lora: int | None = None  # LoRA rank: PEFT's LoRA on the model of every run (run/lora.py)
+    lora_alpha: float | None = None  # None: 2 × rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # None: every linear layer but the LM head ("all-linear")
+    skip_kept: bool = True  # leave exact the layers whose input another op keeps anyway (a probe forward)
 
 
 @dataclass

@@ -37,6 +37,18 @@ SaverOpt = Annotated[Optional[list[str]], typer.Option(
     "--saver", metavar="NAME", help="Also save activation memory beyond linear layers: dropout (exact: a seed instead of each "
                     "mask; with eager attention also the attention-probability dropout), gelu:B (approximate: "
                     "B = 1-4 bits per GELU input instead of the input). Repeat the option for several.")]
+LoraOpt = Annotated[Optional[int], typer.Option(
+    "--lora", metavar="RANK", help="Fine-tune with PEFT's LoRA adapters of this rank (base weights frozen); "
+                                   "randomized methods then sketch the adapters' lora_A inputs. Needs peft.")]
+LoraAlphaOpt = Annotated[Optional[float], typer.Option(help="LoRA's alpha (scaling alpha / rank). "
+                                                            "[default: 2 × rank]")]
+LoraDropoutOpt = Annotated[float, typer.Option(help="LoRA's dropout on the adapters' input.")]
+LoraTargetsOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora-targets", metavar="NAME", help="Module names LoRA adapts (PEFT's target_modules: q_proj, ...). "
+                                           "Repeat the option for several. [default: all-linear]")]
+SkipKeptOpt = Annotated[bool, typer.Option(
+    "--skip-kept/--sketch-kept", help="Leave exact the layers whose input another op saves for backward anyway "
+                                      "(found by one probe forward): sketching it would free nothing.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model, the same way for every "
                                                            "method (the report records the mode).")]
 CompileModeOpt = Annotated[Optional[str], typer.Option(help="torch.compile mode with --compile: default, "
@@ -50,11 +62,12 @@ ToleranceActivationOpt = Annotated[str, typer.Option(help="Allowed activation-by
                                                           "number is deterministic).")]
 
 # finetune and variance (the same data and model sources)
-TaskOpt = Annotated[str, typer.Option(help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or "
-                                           "'synthetic' (offline, generated from --seed).")]
+TaskOpt = Annotated[str, typer.Option(help="GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), "
+                                           "'synthetic' (classification) or 'synthetic-lm' (next-token prediction, "
+                                           "for a decoder): offline, generated from --seed.")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Built-in architecture, hub id, checkpoint directory, or a "
                                                       "directory with only config.json. [default: roberta-base; "
-                                                      "roberta-tiny for --task synthetic]")]
+                                                      "roberta-tiny for --task synthetic, llama-tiny for synthetic-lm]")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Batch size per step. "
                                                  "[default: the task's, 16 or 32]")]
 LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: the task's]")]
@@ -134,3 +147,28 @@ def command_line() -> str:
         return shlex.join(["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(torchrun.local_world_size),
                            "-m", "randbp_cli", *sys.argv[1:]])
     return shlex.join(["randbp", *sys.argv[1:]])
+
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter (weight-init warnings, download bars) off our stderr. Importing
+    transformers and datasets takes seconds that `report`, `check` and `--help` do not need: they
+    read the same settings from the environment when a command imports them (and so do the
+    processes a command starts); only those already imported are told directly."""
+    os.environ.update(TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                      HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    if "transformers" in sys.modules:
+        transformers = sys.modules["transformers"]
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        datasets = sys.modules["datasets"]
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+
+
+def parse_tolerances(peak: str, time: Optional[str], activation: str) -> dict:
+    from ..commands.check import parse_tolerance  # when a command judges: not at start-up
+
+    return {"tolerance_peak": parse_tolerance(peak, "--tolerance-peak"),
+            "tolerance_time": parse_tolerance(time, "--tolerance-time"),
+            "tolerance_activation": parse_tolerance(activation, "--tolerance-activation")}

@@ -6,9 +6,7 @@ Every user mistake becomes one line on stderr and an exit code (2 usage, 1 runti
 
 from __future__ import annotations
 
-import os
 import shlex
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -20,11 +18,12 @@ from ..errors import ConfigError
 from ..options import CheckOptions, FinetuneOptions, ProfileOptions, VarianceOptions
 from ..reports.load import load_report
 from ..reports.report import PROFILE_SCHEMA, FinetuneReport
-from .common import (SKETCH_HELP, SKETCHES_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt, DeviceOpt, DtypeOpt,
-                     ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LrOpt, MaxEvalOpt, MaxLengthOpt, MaxTrainOpt,
-                     ModelOpt, OfflineOpt, OutputOpt, SaverOpt, SeedOpt, TaskOpt, TextColumnsOpt,
-                     ToleranceActivationOpt, TolerancePeakOpt, ToleranceTimeOpt, TrainFileOpt, ValidationFileOpt,
-                     data_options, note, torchrun_environment)
+from .common import (SKETCHES_HELP, SKETCH_HELP, BatchOpt, CompileModeOpt, CompileOpt, DataDirOpt, DeviceOpt,
+                     DtypeOpt, ExcludeOpt, IncludeOpt, JsonOpt, LabelColumnOpt, LoraAlphaOpt, LoraDropoutOpt,
+                     LoraOpt, LoraTargetsOpt, LrOpt, MaxEvalOpt, MaxLengthOpt, MaxTrainOpt, ModelOpt, OfflineOpt,
+                     OutputOpt, SaverOpt, SeedOpt, SkipKeptOpt, TaskOpt, TextColumnsOpt, ToleranceActivationOpt,
+                     TolerancePeakOpt, ToleranceTimeOpt, TrainFileOpt, ValidationFileOpt, data_options, note,
+                     parse_tolerances, quiet_libraries, torchrun_environment)
 from .usage import OneLineErrors
 
 if TYPE_CHECKING:
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
 
 # The commands import what they run (torch, transformers, rich's progress bars: seconds) inside
 # their bodies, so that `randbp --help`, `--version` and usage errors start in a fraction of a
-# second (tests/test_offline.py holds that). Only this light layer is imported at the top.
+# second (tests/data/test_offline.py holds that). Only this light layer is imported at the top.
 
 
 # Every option's default is the library's (options.py), so `randbp X` and `XConfig()` run alike.
@@ -66,32 +65,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
-    _quiet_libraries()
-
-
-def _quiet_libraries() -> None:
-    """Keep third-party chatter (weight-init warnings, download bars) off our stderr. Importing
-    transformers and datasets takes seconds that `report`, `check` and `--help` do not need: they
-    read the same settings from the environment when a command imports them (and so do the
-    processes a command starts); only those already imported are told directly."""
-    os.environ.update(TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                      HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    if "transformers" in sys.modules:
-        transformers = sys.modules["transformers"]
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    if "datasets" in sys.modules:
-        datasets = sys.modules["datasets"]
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-
-
-def _tolerances(peak: str, time: Optional[str], activation: str) -> dict:
-    from ..commands.check import parse_tolerance
-
-    return {"tolerance_peak": parse_tolerance(peak, "--tolerance-peak"),
-            "tolerance_time": parse_tolerance(time, "--tolerance-time"),
-            "tolerance_activation": parse_tolerance(activation, "--tolerance-activation")}
+    quiet_libraries()
 
 
 @app.command()
@@ -123,6 +97,11 @@ def profile(
     attn_implementation: Annotated[Optional[str], typer.Option(help="Attention kernel for transformers "
                                                                "(eager, sdpa).")] = None,
     saver: SaverOpt = None,
+    lora: LoraOpt = PROFILE.lora,
+    lora_alpha: LoraAlphaOpt = PROFILE.lora_alpha,
+    lora_dropout: LoraDropoutOpt = PROFILE.lora_dropout,
+    lora_targets: LoraTargetsOpt = PROFILE.lora_targets,
+    skip_kept: SkipKeptOpt = PROFILE.skip_kept,
     compile_model: CompileOpt = PROFILE.compile,
     compile_mode: CompileModeOpt = None,
     offline: OfflineOpt = PROFILE.offline,
@@ -146,14 +125,15 @@ def profile(
                          seq_len=seq_len, device=device, dtype=dtype, steps=steps, warmup=warmup, seed=seed,
                          isolate=isolate, include=include, exclude=exclude, attn_implementation=attn_implementation,
                          offline=offline, savers=list(saver or []), compile=compile_model,
-                         compile_mode=compile_mode).resolve()
+                         compile_mode=compile_mode, lora=lora, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         lora_targets=lora_targets, skip_kept=skip_kept).resolve()
     if output is not None:
         check_writable(output)
     if check is not None:  # a bad baseline should fail before minutes of profiling, not after
         baseline = load_report(check, PROFILE_SCHEMA, if_missing=(
             f"create it on purpose, with -o {shlex.quote(str(check))} instead of --check, or with randbp check "
             f"CURRENT --baseline {shlex.quote(str(check))} --update"))
-        tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
+        tolerances = parse_tolerances(tolerance_peak, tolerance_time, tolerance_activation)
     with stop_on_signals() as stop, phase_progress(plan.total_steps) as progress:
         report = profile_model(plan, progress, stop)
     if report.status == "interrupted" and not report.results:
@@ -183,7 +163,7 @@ def check(
     from ..reports.files import write_json_atomic
     from .console import judge
 
-    tolerances = _tolerances(tolerance_peak, tolerance_time, tolerance_activation)
+    tolerances = parse_tolerances(tolerance_peak, tolerance_time, tolerance_activation)
     report = load_report(current, PROFILE_SCHEMA)
     if update:
         require_judgeable(report)  # a baseline without the guarded numbers would fail every later check
@@ -266,6 +246,11 @@ def finetune(
     max_train_samples: MaxTrainOpt = None,
     max_eval_samples: MaxEvalOpt = None,
     saver: SaverOpt = None,
+    lora: LoraOpt = FINETUNE.lora,
+    lora_alpha: LoraAlphaOpt = FINETUNE.lora_alpha,
+    lora_dropout: LoraDropoutOpt = FINETUNE.lora_dropout,
+    lora_targets: LoraTargetsOpt = FINETUNE.lora_targets,
+    skip_kept: SkipKeptOpt = FINETUNE.skip_kept,
     compile_model: CompileOpt = FINETUNE.compile,
     compile_mode: CompileModeOpt = None,
     offline: OfflineOpt = FINETUNE.offline,
@@ -290,7 +275,8 @@ def finetune(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
         max_length=max_length, grad_accum=grad_accum, seed=seed, dtype=dtype, device=device,
         save_model=None if save_model is None else str(save_model), savers=list(saver or []), compile=compile_model,
-        compile_mode=compile_mode).resolve()
+        compile_mode=compile_mode, lora=lora, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_targets=lora_targets, skip_kept=skip_kept).resolve()
     report, dist = _finetune_on_this_rank(plan, backend, output)
     interrupted = report.status == "interrupted"
     if interrupted and not any(run.epochs for run in report.runs):
@@ -364,6 +350,10 @@ def variance(
     label_column: LabelColumnOpt = VARIANCE.label_column,
     max_train_samples: MaxTrainOpt = None,
     max_eval_samples: MaxEvalOpt = None,
+    lora: LoraOpt = VARIANCE.lora,
+    lora_alpha: LoraAlphaOpt = VARIANCE.lora_alpha,
+    lora_dropout: LoraDropoutOpt = VARIANCE.lora_dropout,
+    lora_targets: LoraTargetsOpt = VARIANCE.lora_targets,
     offline: OfflineOpt = VARIANCE.offline,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the ratio over steps with the bound.")] = None,
     json_output: JsonOpt = False,
@@ -381,7 +371,8 @@ def variance(
                        max_train_samples, max_eval_samples, offline),
         sketch=train_sketch, sketches=list(sketch or VARIANCE.sketches), rho=rho, repeats=repeats, layers=layer,
         steps=steps, every=every, train_rho=train_rho, include=include, exclude=exclude, batch_size=batch_size,
-        lr=lr, max_length=max_length, seed=seed, dtype=dtype, device=device, savers=list(saver or [])).resolve()
+        lr=lr, max_length=max_length, seed=seed, dtype=dtype, device=device, savers=list(saver or []), lora=lora,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets).resolve()
     for path in (output, plot):
         if path is not None:
             check_writable(path)

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.convert import describe_conversion
 from ..data.models import LoadedModel, check_save_dir, hub_reachable, max_sequence_length, save_model
 from ..data.tasks import TaskSpec, compute_metrics
 from ..errors import ConfigError
 from ..measure.environment import environment
+from ..measure.memory import fold_layer_indices
 from ..measure.meters import NvmlSampler, synchronize
 from ..reports.record import RunMemory
 from ..reports.report import FinetuneReport, FinetuneRun
@@ -36,19 +38,28 @@ from ..run.batches import TaskInputs, load_model_and_task, load_task_model
 from ..run.devices import dtype_name
 from ..run.distributed import SINGLE, Distributed, all_reduce_sum, gather_objects, shard
 from ..run.engine import Engine, TrainCallbacks, interruptible
+from ..run.lora import LORA_LR_SCALE
 from ..run.methods import Method
 from ..run.plans import FinetuneConfig, FinetunePlan
 
 
 @torch.no_grad()
 def evaluate(model, loader, spec, device, dist: Distributed = SINGLE) -> dict:
-    """Metrics over the whole evaluation set; with several ranks each evaluates its shard and
-    the predictions are gathered, so every example counts exactly once."""
+    """Metrics over the whole evaluation set (a language model's over every real next token: token
+    accuracy, and the loss per token); with several ranks each evaluates its shard and the
+    predictions are gathered, so every example counts exactly once."""
     model.eval()
     predictions, labels, loss_sum = [], [], 0.0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
+        if spec.is_language_modelling:  # each position predicts the next token; padding (-100) is no target
+            targets = batch["labels"][:, 1:]
+            real = targets != -100
+            predictions.append(out.logits[:, :-1].argmax(-1)[real])
+            labels.append(targets[real])
+            loss_sum += float(out.loss) * int(real.sum())  # the loss is a mean over real targets
+            continue
         logits = out.logits.float()
         predictions.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
         labels.append(batch["labels"])
@@ -94,8 +105,12 @@ def _start_run(plan: FinetunePlan, method: Method, inputs: TaskInputs, loaded: L
     config, spec = plan.config, inputs.data.spec
     engine = Engine(loaded.model, plan.device, include=config.include, exclude=config.exclude, dist=dist,
                     compile=plan.compile)
+    if config.skip_kept:  # the probe forward: two training rows, the same on every rank
+        rows = [inputs.train_set[i] for i in range(min(2, len(inputs.train_set)))]
+        engine.leave_kept_inputs_exact(engine.to_device(inputs.collator(rows)))
     engine.apply(method)
-    batch_size, lr, epochs = config.batch_size or spec.batch_size, config.lr or spec.lr, config.epochs or spec.epochs
+    batch_size, epochs = config.batch_size or spec.batch_size, config.epochs or spec.epochs
+    lr = config.lr or spec.lr * (LORA_LR_SCALE if plan.lora is not None else 1)
     # The same sampler for one process or many: rank r of W takes every W-th index of one seeded
     # permutation, so W ranks at batch B see exactly the examples one process sees at batch W·B.
     sampler = DistributedSampler(inputs.train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
@@ -112,13 +127,19 @@ def _start_run(plan: FinetunePlan, method: Method, inputs: TaskInputs, loaded: L
     record = FinetuneRun(
         name=method.label, method=method.name, rho=method.rho, sketch=method.sketch_name,
         savers=method.saver_names or None, checkpointing=method.checkpoint, status="completed",
-        converted_layers={"count": len(converted), "names": converted},
+        converted_layers={"count": len(converted), "names": converted, **_left_exact(engine, method)},
         hyperparameters={"batch_size": batch_size, "global_batch_size": batch_size * dist.world_size
                          * config.grad_accum, "lr": lr, "epochs": epochs, "total_steps": total_steps,
                          "grad_accum": config.grad_accum, "warmup_steps": plan.warmup_steps(total_steps)})
     run = _Run(method.label, method, engine, sampler, loader, eval_loaders, epochs, total_steps, config.grad_accum,
                memory={"activation_bytes": None})
     return run, record
+
+
+def _left_exact(engine: Engine, method: Method) -> dict:
+    """The selected layers a randomized run left exact, by folded name, and why (none: nothing)."""
+    left = {**engine.left_exact, **describe_conversion(engine.model).get("left_exact", {})}
+    return {"left_exact": {fold_layer_indices(name): why for name, why in left.items()}} if method.randomized and left else {}
 
 
 def _probe_memory(run: _Run, batch: dict) -> torch.Tensor:

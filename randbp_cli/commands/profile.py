@@ -25,15 +25,18 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..core.convert import select_linears
+from ..core.convert import describe_conversion, select_linears
+from ..data.heads import CAUSAL_LM, head_of
 from ..data.models import LoadedModel, check_methods_supported, load_model, max_sequence_length
 from ..errors import ConfigError
 from ..measure.environment import environment
+from ..measure.memory import fold_layer_indices
 from ..measure.meters import NvmlSampler, summarize_times
 from ..reports.record import BatchBudget, CudaMemory, NvmlMemory, StepTimes
 from ..reports.report import ProfileReport, ProfileResult
 from ..run.devices import dtype_name
 from ..run.engine import Batch, Engine, Progress, interruptible
+from ..run.lora import apply_lora
 from ..run.methods import EXACT
 from ..run.plans import ProfileCase, ProfileConfig, ProfilePlan
 
@@ -47,12 +50,15 @@ COMPILED_NOTE = ("activation_bytes (and by kind, by module) are counted on the e
 
 def make_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int, device: torch.device,
                num_labels: int) -> Batch:
-    """A fixed batch of random token ids (memory does not depend on their values)."""
+    """A fixed batch of random token ids (memory does not depend on their values); a causal LM's
+    labels are the ids themselves (the model shifts them), a classifier's one label per row."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_size)
     vocab = model.config.vocab_size
     low = min(3, vocab - 1)  # skip <s>, <pad>, </s> so no token is padding
     ids = torch.randint(low, vocab, (batch_size, seq_len), generator=gen)
-    if num_labels == 1:
+    if head_of(model) == CAUSAL_LM:
+        labels = ids.clone()
+    elif num_labels == 1:
         labels = torch.rand(batch_size, generator=gen)
     else:
         labels = torch.randint(0, num_labels, (batch_size,), generator=gen)
@@ -71,6 +77,8 @@ class _Profiler:
         # foreach=False keeps AdamW's transient buffers small and the same for every case
         self.engine.use_optimizer(torch.optim.AdamW(self.engine.model.parameters(), lr=config.lr, foreach=False))
         self.batches = {b: self.batch(b) for b in plan.batch_sizes}
+        if plan.skip_kept:
+            self.engine.leave_kept_inputs_exact(self.batches[plan.batch_sizes[0]])
 
     def batch(self, batch_size: int) -> Batch:
         config = self.plan.config
@@ -107,6 +115,9 @@ class _Profiler:
                                        "note": COMPILED_NOTE}
                 self.engine.optimizer.zero_grad(set_to_none=True)
             cuda = self.engine.cuda_step_memory(batch) if device.type == "cuda" else None
+        left = {**self.engine.left_exact, **describe_conversion(self.engine.model).get("left_exact", {})}
+        if case.method.randomized and left:
+            counted["left_exact"] = {fold_layer_indices(name): why for name, why in left.items()}
         return {**counted, "randomized_layers": len(self.engine.converted), "cuda": CudaMemory.of(cuda),
                 "nvml": NvmlMemory.of(sampler.result()) if device.type == "cuda" else None}
 
@@ -206,9 +217,13 @@ def _profile_in_process(model: nn.Module, model_name: str, plan: ProfilePlan, ca
 
 
 def _load(plan: ProfilePlan) -> LoadedModel:
+    """The model, with LoRA's adapters when the plan has them."""
     config = plan.config
-    return load_model(config.model, num_labels=config.num_labels, dtype=plan.dtype,
-                      attn_implementation=config.attn_implementation, offline=config.offline, seed=config.seed)
+    loaded = load_model(config.model, num_labels=config.num_labels, dtype=plan.dtype,
+                        attn_implementation=config.attn_implementation, offline=config.offline, seed=config.seed)
+    if plan.lora is not None:
+        loaded.model = apply_lora(loaded.model, plan.lora)
+    return loaded
 
 
 def _isolated_case(plan: ProfilePlan, case: ProfileCase) -> ProfileResult:

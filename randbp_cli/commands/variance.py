@@ -48,8 +48,9 @@ def variance_record(x: Tensor, y: Tensor, *, layer: str, step: int, sketch: str 
 
 
 def select_layers(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
-    """Linear layers (plain or randomized) matching any pattern; all of them by default."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Trained linear layers (plain or randomized; with LoRA the adapters) matching any pattern; all of
+    them by default. A frozen layer has no weight gradient to measure."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
     if not patterns:
         return names
     for pattern in patterns:

@@ -16,10 +16,19 @@ on the model itself so that a sketch is shared within one forward pass only.
 Selection by name patterns (each pattern may match a module's full name exactly, its last
 components (`"query"` matches `...attention.self.query`), a shell glob
 (`"*.attention.self.*"`), or a regular expression written `"re:<regex>"`, matched against
-the full name). The default selects every `nn.Linear`, as the paper did. Only modules whose
-type is exactly `nn.Linear` are converted: subclasses (quantized or adapter layers, or the
-`out_proj` of `nn.MultiheadAttention`, whose weights are used without calling its forward)
-are left alone and listed by `skipped_linears(model)`.
+the full name). The default selects every `nn.Linear`, as the paper did, and transformers'
+`Conv1D` (GPT-2's linear layers, weight stored (in, out)), which becomes a `RandomizedConv1D`.
+Only modules whose type is exactly `nn.Linear` are converted: subclasses (quantized or adapter
+layers, or the `out_proj` of `nn.MultiheadAttention`, whose weights are used without calling its
+forward) are left alone and listed by `skipped_linears(model)`.
+
+Two kinds of selected layer are left exact by default, because a sketch of them frees nothing and
+costs its own bytes; `describe_conversion` lists them with the reason:
+  * frozen ones (`trainable_only`): a layer whose weight needs no gradient saves no input for it
+    (the base layers of a PEFT LoRA model: only the adapters train);
+  * with a `probe` (one training forward, e.g. `lambda m: m(**batch)`), those whose input another
+    op saves for backward anyway (SDPA keeps its output, which feeds `o_proj` and its adapter):
+    found by watching what autograd saves during the probe (`inputs_kept_anyway`).
 """
 
 from __future__ import annotations
@@ -27,12 +36,13 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .layers import RandomizedLinear
+from .layers import RandomizedConv1D, RandomizedLinear, is_conv1d
 from .sharing import SketchSharing
 from .sketches import DEFAULT_SKETCH, Sketch, check_rho, get_sketch
 from .swap import register_undo, replaced, stand_in, swap, undo_all, unswap
@@ -41,6 +51,9 @@ log = logging.getLogger("randbp")
 
 KIND = "linear"  # what swap.py records convert's replacements as
 _SHARING_ATTR = "_randbp_sharing_hooks"
+_SKIPPED_ATTR = "_randbp_left_exact"  # on the model: {layer name: why convert left it exact}
+FROZEN = "frozen: its weight needs no gradient, so it saves nothing a sketch could replace"
+KEPT_ANYWAY = "its input is saved for backward by another op anyway: a sketch would free nothing"
 
 
 def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
@@ -62,16 +75,17 @@ def name_matches(name: str, pattern: str) -> bool:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Names of every module whose type is exactly nn.Linear (what `convert` can swap)."""
+    """Names of every module whose type is exactly nn.Linear, or transformers' Conv1D (what
+    `convert` can swap)."""
     return [name for name, module in model.named_modules(remove_duplicate=False)
-            if type(module) is nn.Linear]
+            if type(module) is nn.Linear or is_conv1d(module)]
 
 
 def skipped_linears(model: nn.Module) -> list[str]:
     """Subclasses of nn.Linear that `convert` leaves alone, as 'name (TypeName)'."""
     return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and type(module) is not nn.Linear
-            and not isinstance(module, RandomizedLinear)]
+            and not isinstance(module, (RandomizedLinear, RandomizedConv1D))]
 
 
 def select_linears(model: nn.Module, include: str | Sequence[str] | None = None,
@@ -103,33 +117,104 @@ def _bracket_passes(model: nn.Module, sharing: SketchSharing) -> None:
     object.__setattr__(model, _SHARING_ATTR, handles)
 
 
+def inputs_kept_anyway(model: nn.Module, names: Sequence[str], probe: Callable[[nn.Module], object]) -> list[str]:
+    """Of the layers `names`, those whose input another op saves for backward anyway: found by
+    running `probe(model)` (one training forward; the RNG state is restored after it) under
+    saved-tensor hooks and noting which layer inputs were saved outside those layers."""
+    layers: dict[nn.Module, list[str]] = {}
+    for name in names:
+        layers.setdefault(model.get_submodule(name), []).append(name)
+    readers: dict[int, set[str]] = {}  # an input's storage -> the layers reading it
+    saved_outside: set[int] = set()
+    inside: list[nn.Module] = []
+
+    def enter(module, args):
+        inside.append(module)
+        if args and isinstance(args[0], Tensor):
+            readers.setdefault(_storage(args[0]), set()).update(layers[module])
+
+    def leave(module, args, output):
+        if inside and inside[-1] is module:
+            inside.pop()
+
+    def pack(tensor: Tensor) -> Tensor:
+        if not inside:
+            saved_outside.add(_storage(tensor))
+        return tensor.detach()  # not the tensor itself: an output inside its own grad_fn never dies
+
+    handles = [handle for module in layers for handle in (module.register_forward_pre_hook(enter),
+                                                          module.register_forward_hook(leave, always_call=True))]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            probe(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept = {name for storage, names_ in readers.items() if storage in saved_outside for name in names_}
+    return [name for name in names if name in kept]
+
+
+def _storage(tensor: Tensor) -> int:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
+        return -id(tensor)
+
+
+def _left_exact(model: nn.Module, selected: list[str], trainable_only: bool,
+                probe: Callable[[nn.Module], object] | None) -> dict[str, str]:
+    """The selected layers convert leaves exact, and why (see the module doc)."""
+    left: dict[str, str] = {}
+    if trainable_only:
+        left |= {name: FROZEN for name in selected if not model.get_submodule(name).weight.requires_grad}
+    if probe is not None:
+        candidates = [name for name in selected if name not in left]
+        left |= {name: KEPT_ANYWAY for name in inputs_kept_anyway(model, candidates, probe)}
+    if len(left) == len(selected):
+        reasons = sorted(set(left.values()))
+        raise ConfigError(f"every selected layer would be left exact ({'; '.join(reasons)}): nothing to sketch"
+                          + ("; pass trainable_only=False to convert frozen layers anyway"
+                             if FROZEN in reasons else ""))
+    return left
+
+
+def _randomized(original: nn.Module, name: str, **settings) -> nn.Module:
+    if is_conv1d(original):
+        return RandomizedConv1D.from_conv1d(original, name=name, **settings)
+    return RandomizedLinear.from_linear(original, name=name, **settings)
+
+
 def convert(model: nn.Module, rho: float, *, sketch: str | Sketch = DEFAULT_SKETCH,
             include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-            min_rows: int = 1, share_sketch: bool = True) -> nn.Module:
-    """Swap the selected nn.Linear modules for RandomizedLinear at compression rate `rho`.
+            min_rows: int = 1, share_sketch: bool = True, trainable_only: bool = True,
+            probe: Callable[[nn.Module], object] | None = None) -> nn.Module:
+    """Swap the selected nn.Linear (and Conv1D) modules for randomized ones at compression rate `rho`.
 
     Returns the model (the new module if `model` itself is an nn.Linear). Converting an
-    already converted model first restores it. `converted_names(model)` lists what was swapped.
+    already converted model first restores it. `converted_names(model)` lists what was swapped;
+    `describe_conversion(model)["left_exact"]` what was selected but left exact, and why.
     """
     check_rho(rho)
     sketch = get_sketch(sketch)
     model = _restore_linears(model)
     selected = select_linears(model, include, exclude)
+    left = _left_exact(model, selected, trainable_only, probe)
     # A module registered under two names (tied layers) must become one new module.
-    originals = {name: model.get_submodule(name) for name in selected}
-    replacements: dict[int, RandomizedLinear] = {}
+    originals = {name: model.get_submodule(name) for name in selected if name not in left}
+    replacements: dict[int, nn.Module] = {}
     sharing = SketchSharing()
     for name, original in originals.items():
         if id(original) not in replacements:
-            layer = stand_in(original, RandomizedLinear.from_linear(original, rho=rho, sketch=sketch,
-                                                                    min_rows=min_rows, share_sketch=share_sketch,
-                                                                    name=name), KIND)
+            layer = stand_in(original, _randomized(original, name, rho=rho, sketch=sketch, min_rows=min_rows,
+                                                   share_sketch=share_sketch), KIND)
             layer.sharing = sharing
             replacements[id(original)] = layer
     model = swap(model, {name: replacements[id(original)] for name, original in originals.items()})
     _bracket_passes(model, sharing)
-    log.info("randbp: converted %d linear layers to RandomizedLinear(rho=%s, sketch=%s)",
-             len(selected), rho, sketch.name)
+    if left:
+        object.__setattr__(model, _SKIPPED_ATTR, left)
+    log.info("randbp: converted %d linear layers to randomized ones (rho=%s, sketch=%s); %d left exact",
+             len(originals), rho, sketch.name, len(left))
     return model
 
 
@@ -147,8 +232,9 @@ def _restore_linears(model: nn.Module) -> nn.Module:
     """Undo `convert` only: put the original nn.Linear objects back."""
     for handle in getattr(model, _SHARING_ATTR, ()):
         handle.remove()
-    if hasattr(model, _SHARING_ATTR):
-        object.__delattr__(model, _SHARING_ATTR)
+    for attribute in (_SHARING_ATTR, _SKIPPED_ATTR):
+        if attribute in model.__dict__:
+            object.__delattr__(model, attribute)
     return unswap(model, KIND)
 
 
@@ -158,10 +244,12 @@ register_undo(KIND, _restore_linears)
 def describe_conversion(model: nn.Module) -> dict:
     """What is randomized in `model`: counts, names, and each layer's rho and sketch."""
     layers = {name: module for name, module in model.named_modules(remove_duplicate=False)
-              if isinstance(module, RandomizedLinear)}
+              if isinstance(module, (RandomizedLinear, RandomizedConv1D))}
+    left = model.__dict__.get(_SKIPPED_ATTR, {})
     return {
         "linear_layers": len(linear_names(model)) + len(layers),
         "randomized_layers": len(layers),
         "layers": {name: {"rho": m.rho, "sketch": m.sketch.name} for name, m in layers.items()},
+        **({"left_exact": dict(left)} if left else {}),
     }
 

@@ -57,7 +57,8 @@ from .sketches import DEFAULT_SKETCH, Sketch, check_rho, draw_seed, get_sketch, 
 
 _AUTOCAST_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["RandomizedLinear", "RandomizedLinearFunction", "SketchPlan", "draw_seed", "randomized_linear"]
+__all__ = ["RandomizedConv1D", "RandomizedLinear", "RandomizedLinearFunction", "SketchPlan", "draw_seed",
+           "is_conv1d", "randomized_linear"]
 
 
 _plan_tokens = itertools.count(1)
@@ -267,7 +268,25 @@ def randomized_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     return randomized_forward(x, weight, bias, plan, DEFAULT_SHARING, training)
 
 
-class RandomizedLinear(nn.Linear):
+class _Sketched:
+    """What every randomized layer shares: one validated `SketchPlan`, its settings, its sharing scope."""
+
+    def configure(self, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1,
+                  share_sketch: bool = True, name: str | None = None):
+        """Validate the settings once and build the plan every forward reuses (`name`: the
+        layer's name in its model, for error messages; by default the name it had)."""
+        if name is None:
+            name = self.plan.name if hasattr(self, "plan") else ""
+        self.plan = make_plan(rho, sketch, min_rows, share_sketch, name)
+        return self
+
+    rho = property(lambda self: self.plan.rho)
+    sketch = property(lambda self: self.plan.sketch)
+    min_rows = property(lambda self: self.plan.min_rows)
+    share_sketch = property(lambda self: self.plan.share)
+
+
+class RandomizedLinear(_Sketched, nn.Linear):
     """Drop-in `nn.Linear` whose weight gradient is estimated from a sketch of its input.
 
     Args: as `nn.Linear`, plus
@@ -283,20 +302,6 @@ class RandomizedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.sharing: SketchSharing = DEFAULT_SHARING
         self.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch)
-
-    def configure(self, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH, min_rows: int = 1,
-                  share_sketch: bool = True, name: str | None = None) -> "RandomizedLinear":
-        """Validate the settings once and build the plan every forward reuses (`name`: the
-        layer's name in its model, for error messages; by default the name it had)."""
-        if name is None:
-            name = self.plan.name if hasattr(self, "plan") else ""
-        self.plan = make_plan(rho, sketch, min_rows, share_sketch, name)
-        return self
-
-    rho = property(lambda self: self.plan.rho)
-    sketch = property(lambda self: self.plan.sketch)
-    min_rows = property(lambda self: self.plan.min_rows)
-    share_sketch = property(lambda self: self.plan.share)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH,
@@ -316,3 +321,48 @@ class RandomizedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rho={self.rho}, sketch={self.sketch.name}"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Is `module` transformers' `Conv1D` (GPT-2's linear layers: weight (in, out), y = x W + b)?
+    Told by its class name and its `nf` attribute, so the core needs no transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+class RandomizedConv1D(_Sketched, nn.Module):
+    """transformers' `Conv1D` with its weight gradient estimated from a sketch of its input.
+
+    The same estimator as `RandomizedLinear` in Conv1D's layout: the weight W is stored (in, out)
+    and y = x W + b, so the layer runs `randomized_forward` on Wᵀ, a view of the same Parameter;
+    autograd transposes the sketched dWᵀ = (Sᵀ dY)ᵀ (Sᵀ X) back into W's layout. dX = dY Wᵀ and
+    db = Σ rows of dY are exact, and what is saved is what `RandomizedLinear` saves.
+    """
+
+    def __init__(self, nf: int, nx: int, *, rho: float = 0.5, sketch: str | Sketch = DEFAULT_SKETCH,
+                 min_rows: int = 1, share_sketch: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.02)
+        self.sharing: SketchSharing = DEFAULT_SHARING
+        self.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch)
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH,
+                    min_rows: int = 1, share_sketch: bool = True, name: str = "") -> "RandomizedConv1D":
+        """A RandomizedConv1D holding the *same* Parameter objects as `conv` (no copies)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.nf, layer.nx = conv.nf, conv.weight.shape[0]
+        layer.weight = conv.weight
+        layer.register_parameter("bias", conv.bias)
+        layer.train(conv.training)
+        layer.sharing = DEFAULT_SHARING
+        return layer.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch, name=name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return randomized_forward(x, self.weight.T, self.bias, self.plan, self.sharing, self.training)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, rho={self.rho}, sketch={self.sketch.name}"

@@ -12,10 +12,10 @@
   4. a built-in architecture (`configs/*.json`: `roberta-base`, `roberta-tiny`) with random
      weights. Memory and time do not depend on weight values, and the result says which
      weights it was (`weights`: "pretrained" or "random-init") and why.
-Anything else is a `ModelNotFoundError` that says how to supply the model. A model of a type
-the sequence-classification path does not train (a decoder such as GPT-2, an encoder-decoder
-such as T5: `ENCODER_TYPES` lists what it does) is a ConfigError before it is built; from a
-local directory, `check_model_type` says so before any data is read.
+Anything else is a `ModelNotFoundError` that says how to supply the model. Its config decides the
+head (heads.py): an encoder gets a sequence-classification head, a decoder LM keeps its causal-LM
+head; a model of any other type (an encoder-decoder such as T5) is a ConfigError before it is
+built; from a local directory, `check_model_type` says so before any data is read.
 
 `save_model` is the way back out: a fine-tuned model as a safetensors checkpoint, with plain
 `nn.Linear` layers again, written to a temp directory and renamed into place.
@@ -39,13 +39,9 @@ from torch import nn
 
 from ..core.convert import restore
 from ..errors import ConfigError, ModelNotFoundError, OutputError
+from .heads import SEQUENCE_CLASSIFICATION, auto_class, head_for
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# Encoder models whose sequence-classification head randbp trains, each checked on a tiny config
-# (tests/test_models.py): profile, randomized and checkpointed, and fine-tune.
-ENCODER_TYPES = ("albert", "bert", "camembert", "convbert", "data2vec-text", "deberta", "deberta-v2", "distilbert",
-                 "electra", "ernie", "megatron-bert", "mobilebert", "mpnet", "roberta", "roberta-prelayernorm",
-                 "roformer", "xlm-roberta", "xlm-roberta-xl")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -66,6 +62,7 @@ class LoadedModel:
     source: str  # "local", "hf-cache", "hub", "local-config", "builtin-config"
     weights: str  # "pretrained" or "random-init"
     note: str
+    head: str = SEQUENCE_CLASSIFICATION  # or CAUSAL_LM (heads.py)
 
     def describe(self) -> dict:
         config = self.model.config
@@ -77,6 +74,7 @@ class LoadedModel:
             "model_type": getattr(config, "model_type", None),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "attn_implementation": getattr(config, "_attn_implementation", None),
+            **({"head": self.head} if self.head != SEQUENCE_CLASSIFICATION else {}),
         }
 
 
@@ -160,17 +158,12 @@ def no_hub(offline: bool) -> str:
     return "offline mode was asked for (--offline)" if offline else "the Hub is unreachable"
 
 
-def _auto_class(task: str):
-    import transformers
-
-    classes = {"sequence-classification": transformers.AutoModelForSequenceClassification}
-    return classes[task]
-
-
-def _model_kwargs(num_labels: int, attn_implementation: str | None, dtype: torch.dtype | None) -> dict:
-    kwargs: dict = {"num_labels": num_labels}
-    if num_labels == 1:
-        kwargs["problem_type"] = "regression"
+def _model_kwargs(head: str, num_labels: int, attn_implementation: str | None, dtype: torch.dtype | None) -> dict:
+    kwargs: dict = {}
+    if head == SEQUENCE_CLASSIFICATION:
+        kwargs["num_labels"] = num_labels
+        if num_labels == 1:
+            kwargs["problem_type"] = "regression"
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if dtype is not None:
@@ -188,32 +181,32 @@ def _unusable(source: str, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(f"cannot build a sequence-classification model from {source!r}: {text[:300]}")
 
 
-def refuse_unsupported(config, name: str) -> None:
-    """A ConfigError for a model type the sequence-classification path does not train."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in ENCODER_TYPES:
-        return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    kind = (" (an encoder-decoder)" if getattr(config, "is_encoder_decoder", False)
-            else " (a decoder)" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "")
-    raise ConfigError(f"model {name!r} is a {model_type} model{kind}, which randbp does not train: it supports "
-                      f"encoder models with a sequence-classification head ({', '.join(ENCODER_TYPES)})")
-
-
-def check_model_type(name: str) -> None:
-    """Refuse an unsupported local model (a directory or a config file) from its config alone, before
-    anything is built or read; names that are not local are checked once loaded."""
+def check_model_type(name: str, wanted: tuple[str, str] | None = None) -> None:
+    """Refuse an unsupported local or built-in model from its config alone, before anything is built
+    or read, and, given `wanted` (the head a run's data trains, and what that data is called), one
+    with the other head; names that are not local are checked once loaded."""
     from transformers import AutoConfig
 
     path = Path(name).expanduser()
-    if not ((path / "config.json").is_file() or (path.suffix == ".json" and path.is_file())):
+    source = path / "config.json" if path.is_dir() else path if path.suffix == ".json" else builtin_config_path(name)
+    if source is None or not Path(source).is_file():
         return
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(source))
     except _LOAD_ERRORS:
         return  # load_model says what is wrong with it
-    refuse_unsupported(config, name)
+    head = head_for(config, name)
+    if wanted is not None and head != wanted[0]:
+        refuse_head(name, head, wanted[1])
+
+
+def refuse_head(name: str, head: str, data: str) -> None:
+    """A ConfigError: `data` trains models with the other head."""
+    if head == SEQUENCE_CLASSIFICATION:
+        raise ConfigError(f"{data} is language modelling, for a decoder (gpt2, llama, smollm2-135m, llama-tiny ...); "
+                          f"{name!r} is an encoder: train it on a classification task")
+    raise ConfigError(f"model {name!r} is a decoder language model and {data} is classification: train a decoder "
+                      "on --task synthetic-lm, or measure it with randbp profile (add --lora RANK for LoRA)")
 
 
 def check_methods_supported(model: nn.Module, methods) -> None:
@@ -223,75 +216,98 @@ def check_methods_supported(model: nn.Module, methods) -> None:
                           f"{type(model).__name__}; use --method randomized (or exact) with this model")
 
 
-def _from_config(config_source, num_labels, attn_implementation, dtype, seed):
+def _config(source: str, **kwargs):
+    """A model's config (a ModelNotFoundError when it cannot be read), or None for `if_absent`."""
     from transformers import AutoConfig
 
-    kwargs = _model_kwargs(num_labels, attn_implementation, None)
     try:
-        config = AutoConfig.from_pretrained(str(config_source), **{k: v for k, v in kwargs.items()
-                                                                   if k != "attn_implementation"})
+        return AutoConfig.from_pretrained(source, **kwargs)
     except _LOAD_ERRORS as err:
-        raise _unusable(str(config_source), err) from None
-    refuse_unsupported(config, str(config_source))
+        raise _unusable(source, err) from None
+
+
+def _from_config(config_source, num_labels, attn_implementation, dtype, seed) -> tuple[nn.Module, str]:
+    """A randomly initialised model of the config at `config_source`, and its head."""
+    head = head_for(_config(str(config_source)), str(config_source))
+    config = _config(str(config_source), **_model_kwargs(head, num_labels, None, None))
     try:
         if attn_implementation:
             config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the same random init for every run with the same seed
-            model = _auto_class("sequence-classification").from_config(config)
+            model = auto_class(head).from_config(config)
     except _LOAD_ERRORS as err:
         raise _unusable(str(config_source), err) from None
-    return model.to(dtype) if dtype is not None else model
+    return (model.to(dtype) if dtype is not None else model), head
+
+
+def _pretrained(source: str, head: str, kwargs: dict, **options) -> nn.Module:
+    try:
+        return auto_class(head).from_pretrained(source, **kwargs, **options)
+    except _LOAD_ERRORS as err:
+        raise _unusable(source, err) from None
+
+
+def _cached_config(name: str):
+    """The config of `name` in the Hugging Face cache, or None (no network)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except _LOAD_ERRORS:
+        return None
 
 
 def load_model(name: str, *, num_labels: int = 2, attn_implementation: str | None = None,
                dtype: torch.dtype | None = None, offline: bool = False, seed: int = 0) -> LoadedModel:
-    """A sequence-classification model by name, directory or built-in config (see module doc)."""
+    """A model by name, directory or built-in config, with the head its type trains with (see the
+    module doc); `num_labels` sizes a classification head and is ignored by a causal LM."""
     if num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1 (got {num_labels})")
     check_model_type(name)
-    auto = _auto_class("sequence-classification")
-    kwargs = _model_kwargs(num_labels, attn_implementation, dtype)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model directory {str(path)!r} has no config.json: point --model "
                                      "at a checkpoint directory or a directory holding a config.json")
         if any((path / f).is_file() for f in WEIGHT_FILES):
-            try:
-                model = auto.from_pretrained(str(path), **kwargs)
-            except _LOAD_ERRORS as err:
-                raise _unusable(str(path), err) from None
-            return LoadedModel(model, str(path), "local", "pretrained", "checkpoint loaded from a local directory")
-        model = _from_config(path / "config.json", num_labels, attn_implementation, dtype, seed)
+            head = head_for(_config(str(path)), str(path))
+            model = _pretrained(str(path), head, _model_kwargs(head, num_labels, attn_implementation, dtype))
+            return LoadedModel(model, str(path), "local", "pretrained", "checkpoint loaded from a local directory",
+                               head)
+        model, head = _from_config(path / "config.json", num_labels, attn_implementation, dtype, seed)
         return LoadedModel(model, str(path), "local-config", "random-init",
-                           "the directory holds only a config.json: random weights")
+                           "the directory holds only a config.json: random weights", head)
     if path.suffix == ".json" and path.is_file():
-        model = _from_config(path, num_labels, attn_implementation, dtype, seed)
-        return LoadedModel(model, str(path), "local-config", "random-init", "built from a config file: random weights")
+        model, head = _from_config(path, num_labels, attn_implementation, dtype, seed)
+        return LoadedModel(model, str(path), "local-config", "random-init", "built from a config file: random weights",
+                           head)
     online = use_hub(offline)  # before any call that could ask the Hub (and retry)
-    try:  # the Hugging Face cache, without touching the network
-        model = auto.from_pretrained(name, local_files_only=True, **kwargs)
-    except _LOAD_ERRORS:
-        model = None
-    if model is not None:
-        refuse_unsupported(model.config, name)
-        return LoadedModel(model, name, "hf-cache", "pretrained", "checkpoint from the Hugging Face cache")
+    cached = _cached_config(name)  # the Hugging Face cache, without touching the network
+    if cached is not None:
+        head = head_for(cached, name)
+        try:
+            model = auto_class(head).from_pretrained(name, local_files_only=True,
+                                                     **_model_kwargs(head, num_labels, attn_implementation, dtype))
+        except _LOAD_ERRORS:
+            model = None  # a config without its weights: the Hub, or the built-in architecture
+        if model is not None:
+            return LoadedModel(model, name, "hf-cache", "pretrained", "checkpoint from the Hugging Face cache", head)
     if online:
         try:
-            model = auto.from_pretrained(name, **kwargs)
-        except _LOAD_ERRORS as err:
+            head = head_for(_config(name), name)
+            model = _pretrained(name, head, _model_kwargs(head, num_labels, attn_implementation, dtype))
+            return LoadedModel(model, name, "hub", "pretrained", "checkpoint downloaded from the Hugging Face Hub",
+                               head)
+        except ModelNotFoundError:
             if builtin_config_path(name) is None:
-                raise _unusable(name, err) from None
-        if model is not None:
-            refuse_unsupported(model.config, name)
-            return LoadedModel(model, name, "hub", "pretrained", "checkpoint downloaded from the Hugging Face Hub")
+                raise
     config_path = builtin_config_path(name)
     if config_path is not None:
-        model = _from_config(config_path, num_labels, attn_implementation, dtype, seed)
+        model, head = _from_config(config_path, num_labels, attn_implementation, dtype, seed)
         return LoadedModel(model, name, "builtin-config", "random-init",
                            f"no checkpoint in the cache and {no_hub(offline)}: the built-in "
-                           "architecture with random weights")
+                           "architecture with random weights", head)
     raise ModelNotFoundError(
         f"unknown model {name!r}: it is not a local directory, not in the Hugging Face cache, and "
         f"{no_hub(offline)}; use a built-in architecture ({', '.join(builtin_models())}) or a local "

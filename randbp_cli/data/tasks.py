@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError
+from .heads import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class TsvLayout:
 class TaskSpec:
     name: str
     text_columns: tuple[str, ...]
-    num_labels: int  # 1 = regression
+    num_labels: int  # 1 = regression; 0 for language modelling (no labels: the next tokens)
     label_names: tuple[str, ...] = ()
     eval_splits: tuple[str, ...] = ("validation",)
     metrics: tuple[str, ...] = ("accuracy",)
@@ -41,6 +42,11 @@ class TaskSpec:
     epochs: int = 10
     tsv: TsvLayout | None = None
     description: str = ""
+    head: str = SEQUENCE_CLASSIFICATION  # or CAUSAL_LM: next-token prediction (heads.py)
+
+    @property
+    def is_language_modelling(self) -> bool:
+        return self.head == CAUSAL_LM
 
     @property
     def is_regression(self) -> bool:
@@ -85,14 +91,21 @@ SYNTHETIC = TaskSpec("synthetic", ("input_ids",), 2, ("more_b", "more_a"), metri
                      description="count task: is the marker set A more frequent than set B?")
 
 
+SYNTHETIC_LM = TaskSpec("synthetic-lm", ("input_ids",), 0, metrics=("token_accuracy",), batch_size=16, lr=1e-3,
+                        epochs=2, head=CAUSAL_LM,
+                        description="next-token prediction on a fixed random Markov chain")
+
+
 def task_names() -> list[str]:
-    return [*GLUE_TASKS, "synthetic"]
+    return [*GLUE_TASKS, "synthetic", "synthetic-lm"]
 
 
 def get_task(name: str) -> TaskSpec:
     key = name.lower().replace("-", "")
     if key == "synthetic":
         return SYNTHETIC
+    if key == "syntheticlm":
+        return SYNTHETIC_LM
     if key in GLUE_TASKS:
         return GLUE_TASKS[key]
     raise ConfigError(f"unknown task {name!r}: choose one of {', '.join(task_names())}, or give your own "
@@ -175,6 +188,37 @@ def synthetic_task(vocab_size: int, seed: int, train_size: int = 4000, eval_size
                     pretokenized=True)
 
 
+def synthetic_lm_task(vocab_size: int, seed: int, train_size: int = 4000, eval_size: int = 1000,
+                      length: int = 64, states: int = 48, stay: float = 0.75) -> TaskData:
+    """Next-token prediction a tiny decoder learns in a minute, with a known ceiling.
+
+    A fixed random Markov chain over `states` token ids drawn from the vocabulary: from each state
+    the chain moves to its own successor with probability `stay`, else to a state drawn at
+    random. So the best any model can do is predict the successor: held-out token accuracy at
+    most about `stay` (and a loss floor of the chain's entropy rate), against 1/`states` for a
+    model that has learnt nothing. Sequences of `length` tokens start at a random state; token ids
+    0-3 are never used. Labels are the input ids (the model shifts them); there is no padding.
+    """
+    if vocab_size < 4 + states:
+        raise ConfigError(f"the model's vocabulary ({vocab_size}) is too small for the synthetic-lm task")
+    rng = np.random.default_rng(seed)
+    tokens = rng.permutation(np.arange(4, vocab_size))[:states]
+    successor = rng.permutation(states)
+
+    def make(n: int) -> dict[str, list]:
+        rows = np.empty((n, length), dtype=np.int64)
+        rows[:, 0] = rng.integers(0, states, size=n)
+        for position in range(1, length):
+            jump = rng.random(n) >= stay
+            rows[:, position] = np.where(jump, rng.integers(0, states, size=n), successor[rows[:, position - 1]])
+        return {"input_ids": tokens[rows].tolist()}
+
+    return TaskData(SYNTHETIC_LM, make_dataset(make(train_size)), {"validation": make_dataset(make(eval_size))},
+                    f"synthetic-lm(seed={seed})",
+                    [f"{SYNTHETIC_LM.description}: {states} states, the successor with p={stay:g}; "
+                     f"{length} tokens per sequence"], pretokenized=True)
+
+
 # ---------------------------------------------------------------------------- metrics
 
 
@@ -186,7 +230,7 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     out: dict[str, float] = {}
     for name in spec.metrics:
-        if name == "accuracy":
+        if name in ("accuracy", "token_accuracy"):
             out[name] = float(accuracy_score(labels, predictions))
         elif name == "f1":
             out[name] = float(f1_score(labels, predictions, zero_division=0))

@@ -7,9 +7,9 @@ the same tensor saved by Q, K and V, cost one storage), and skip storages that b
 model's parameters and buffers or to the model inputs (docs/method.md §4.6). The counter attributes
 each storage to the innermost module running when it was first saved, and sorts it into:
 
-  linear_inputs         saved only by exact nn.Linear layers: what sketching can shrink
-  linear_inputs_shared  saved by an nn.Linear *and* by another op, so it stays alive anyway
-  sketches              saved by RandomizedLinear layers (sketches, indices)
+  linear_inputs         saved only by exact linear layers (nn.Linear, GPT-2's Conv1D): what sketching can shrink
+  linear_inputs_shared  saved by a linear layer *and* by another op, so it stays alive anyway
+  sketches              saved by randomized layers (sketches, indices)
   weight_copies         low-precision weight copies a linear layer saved under autocast
   other                 everything else (attention, activations, norms, dropout masks ...)
 
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..core.layers import RandomizedLinear
+from ..core.layers import RandomizedConv1D, RandomizedLinear, is_conv1d
 
 KINDS = ("linear_inputs", "linear_inputs_shared", "sketches", "weight_copies", "other")
 SAVED_KIND_ATTR = "_randbp_saved_kind"  # on a saved tensor: the saver kind it is filed under
@@ -175,11 +175,12 @@ class SavedTensorCounter:
         kind = getattr(t, SAVED_KIND_ATTR, None) or getattr(module, "saved_kind", None)
         if kind:
             return kind
-        if not isinstance(module, nn.Linear):
+        randomized = isinstance(module, (RandomizedLinear, RandomizedConv1D))
+        if not (randomized or isinstance(module, nn.Linear) or is_conv1d(module)):
             return "other"
         if _is_weight_copy(t, module.weight):
             return "weight_copy"  # autocast's half-precision copy of the weight
-        return "sketch" if isinstance(module, RandomizedLinear) else "linear"
+        return "sketch" if randomized else "linear"
 
     def _pack(self, t: Tensor) -> Tensor:
         key = _storage_key(t)

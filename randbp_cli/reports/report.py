@@ -62,6 +62,7 @@ class ProfileResult(Record):
     compiled: dict | None = None  # compiled cases: what the compiled graphs save, and the warm-up it took
     activation_peak_bytes: int | None = None  # stored bytes plus the largest recompute
     randomized_layers: int | None = None
+    left_exact: dict | None = None  # selected layers a randomized case left exact (indices folded): why
     cuda: CudaMemory | None = None  # allocator phases of one step, on CUDA only
     nvml: NvmlMemory | None = None  # the device's own memory counter, on CUDA only
     step_time_s: StepTimes | None = None
@@ -73,10 +74,10 @@ class ProfileResult(Record):
     contributions: dict | None = None  # checkpoint+randomized: what each part saved
 
     OMIT_IF_NONE = frozenset({"checkpointing", "budget", "activation_limit_bytes", "contributions", "savers",
-                              "compile", "compiled"})
+                              "compile", "compiled", "left_exact"})
     REQUIRED = frozenset({"method", "batch_size", "seq_len"})  # what tells one case from another
     SHAPES = {
-        "savers": list[str], "compile": str,
+        "savers": list[str], "compile": str, "left_exact": dict[str, str],
         "activation_bytes_by_kind": dict[str, int], "activation_bytes_by_module": dict[str, int],
         "checkpointing": {"units": int, "recompute_unit_bytes": int},
         "compiled": {"activation_bytes": int, "saved_storages": int, "warmup_steps": int},

@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 
 from ..core.convert import select_linears
+from ..data.heads import SEQUENCE_CLASSIFICATION
 from ..data.loaders import load_custom, load_glue_dir, load_glue_hub
 from ..data.models import (LoadedModel, builtin_config_path, check_methods_supported, check_model_type, hub_reachable,
-                           load_model, max_sequence_length)
-from ..data.tasks import TaskData, synthetic_task
+                           load_model, max_sequence_length, refuse_head)
+from ..data.tasks import TaskData, synthetic_lm_task, synthetic_task
 from ..errors import DataError
+from .lora import apply_lora
 from .plans import TrainingPlan
 
 
@@ -34,6 +36,8 @@ def load_task_data(plan: TrainingPlan, vocab_size: int) -> TaskData:
                            config.label_column)
     elif plan.task.name == "synthetic":
         data = synthetic_task(vocab_size, config.seed, config.synthetic_train_size, config.synthetic_eval_size)
+    elif plan.task.name == "synthetic-lm":
+        data = synthetic_lm_task(vocab_size, config.seed, config.synthetic_train_size, config.synthetic_eval_size)
     elif config.data_dir:
         data = load_glue_dir(config.data_dir, plan.task)
     else:
@@ -110,11 +114,14 @@ def _truncate_pretokenized(dataset, max_length: int):
 
 
 class PadCollator:
-    """Dynamic padding for rows that already hold `input_ids` (the synthetic task)."""
+    """Dynamic padding for rows that already hold `input_ids` (the synthetic tasks). A language
+    model's labels are its input ids, -100 (ignored by the loss) at padding; a classifier's, the
+    rows' labels."""
 
-    def __init__(self, pad_id: int, regression: bool) -> None:
+    def __init__(self, pad_id: int, regression: bool, language_modelling: bool = False) -> None:
         self.pad_id = pad_id
         self.label_dtype = torch.float32 if regression else torch.long
+        self.language_modelling = language_modelling
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         from torch.nn.utils.rnn import pad_sequence
@@ -122,6 +129,8 @@ class PadCollator:
         ids = [torch.tensor(r["input_ids"], dtype=torch.long) for r in rows]
         input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_id)
         mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0)
+        if self.language_modelling:
+            return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
         labels = torch.tensor([r["label"] for r in rows], dtype=self.label_dtype)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
@@ -139,11 +148,23 @@ class TaskInputs:
     max_length: int
 
 
+def _wanted_head(plan: TrainingPlan) -> tuple[str, str]:
+    """The head the plan's data trains (heads.py), and what to call that data in a message."""
+    if plan.task is None:
+        return SEQUENCE_CLASSIFICATION, "the --train-file data"
+    return plan.task.head, f"task {plan.task.name}"
+
+
 def load_task_model(plan: TrainingPlan, num_labels: int) -> LoadedModel:
     """The plan's model with a head for `num_labels`: the same initial weights on every call. A method
     the plan trains in that the model cannot run fails here, before any training."""
-    loaded = load_model(plan.model_name, num_labels=num_labels, dtype=plan.dtype, offline=plan.config.offline,
-                        seed=plan.config.seed)
+    loaded = load_model(plan.model_name, num_labels=max(num_labels, 1), dtype=plan.dtype,
+                        offline=plan.config.offline, seed=plan.config.seed)  # a language model has no labels
+    head, data = _wanted_head(plan)
+    if loaded.head != head:  # a Hub or cached model, known once loaded
+        refuse_head(plan.model_name, loaded.head, data)
+    if plan.lora is not None:
+        loaded.model = apply_lora(loaded.model, plan.lora)
     check_methods_supported(loaded.model, plan.trained_methods)
     return loaded
 
@@ -151,7 +172,7 @@ def load_task_model(plan: TrainingPlan, num_labels: int) -> LoadedModel:
 def load_model_and_task(plan: TrainingPlan) -> tuple[LoadedModel, TaskInputs]:
     """Load the model (with the task's head) and the data, tokenize, and build the collator."""
     config = plan.config
-    check_model_type(plan.model_name)  # an unsupported local model fails before any data is read
+    check_model_type(plan.model_name, _wanted_head(plan))  # a local model that cannot train fails before data is read
     if plan.task is None:  # the labels decide the head: read the data first
         data = load_task_data(plan, vocab_size=0)
         loaded = load_task_model(plan, data.spec.num_labels)
@@ -164,7 +185,8 @@ def load_model_and_task(plan: TrainingPlan) -> tuple[LoadedModel, TaskInputs]:
     if data.pretokenized:
         train_set = _truncate_pretokenized(data.train, max_length)
         eval_sets = {k: _truncate_pretokenized(v, max_length) for k, v in data.evals.items()}
-        collator = PadCollator(loaded.model.config.pad_token_id or 0, data.spec.is_regression)
+        collator = PadCollator(loaded.model.config.pad_token_id or 0, data.spec.is_regression,
+                               data.spec.is_language_modelling)
         tokenizer, info = None, {"source": "none", "note": "synthetic task: token ids drawn from the vocabulary"}
     else:
         from transformers import DataCollatorWithPadding

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core.convert import converted_names
+from ..core.convert import KEPT_ANYWAY, converted_names, inputs_kept_anyway, restore, select_linears
 from ..measure.memory import RecomputeCounter, SavedTensorCounter, SavedTensorStats, checkpoint_units
 from ..measure.meters import compile_events, cuda_step_memory, time_call
 from .distributed import SINGLE, Distributed
@@ -102,9 +102,27 @@ class Engine:
         self._compiled: dict[Method, tuple[nn.Module, nn.Module, nn.Module]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+        self.left_exact: dict[str, str] = {}  # layers randomized methods leave exact, and why
+        self._probe_batch: Batch | None = None
+
+    def leave_kept_inputs_exact(self, batch: Batch) -> None:
+        """Randomized methods will leave exact the selected layers whose input another op saves for
+        backward anyway (a sketch would free nothing): found once, by a probe forward of `batch`."""
+        self._probe_batch = batch
+
+    def _find_kept_inputs(self) -> None:
+        base = restore(self.model)
+        selected = [name for name in select_linears(base, self.include, self.exclude)
+                    if base.get_submodule(name).weight.requires_grad]
+        kept = inputs_kept_anyway(base, selected, lambda model: model(**self._probe_batch))
+        self.left_exact = dict.fromkeys(kept, KEPT_ANYWAY)
+        self.exclude = [*(self.exclude or []), *kept]
+        self._probe_batch = None
 
     def apply(self, method: Method) -> None:
         """Put the model into `method` (the same Parameters: an optimizer built earlier still fits)."""
+        if method.randomized and self._probe_batch is not None:
+            self._find_kept_inputs()
         if self.compile is not None:
             if method not in self._compiled:
                 self._compiled[method] = self._compile(method)

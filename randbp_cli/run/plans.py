@@ -18,9 +18,11 @@ import torch
 from ..core.sketches import Sketch, check_rho, get_sketch
 from ..data.tasks import TaskSpec, get_task
 from ..errors import ConfigError
-from ..options import DEFAULT_MODEL, SYNTHETIC_DEFAULT_MODEL, FinetuneOptions, ProfileOptions, VarianceOptions
+from ..options import (DEFAULT_MODEL, SYNTHETIC_DEFAULT_MODEL, SYNTHETIC_LM_DEFAULT_MODEL, FinetuneOptions,
+                       ProfileOptions, VarianceOptions)
 from ..savers.registry import SaverSpec, parse_savers
 from .devices import dtype_name, resolve_device, resolve_dtype
+from .lora import LoraSpec, lora_spec
 from .methods import EXACT, METHOD_NAMES, Method, check_method_name, randomizes
 
 
@@ -70,6 +72,15 @@ def _compile_mode(compile: bool, mode: str | None, device: torch.device) -> str 
     return mode
 
 
+def lora_record(lora: LoraSpec | None) -> dict:
+    """What a report's config says of LoRA: its settings, checked; nothing without it (reports
+    made before LoRA keep their keys)."""
+    return {"lora": lora.describe()} if lora is not None else {}
+
+
+_LORA_OPTIONS = ("lora", "lora_alpha", "lora_dropout", "lora_targets")  # recorded by lora_record
+
+
 # ---------------------------------------------------------------------------- profile
 
 
@@ -110,8 +121,10 @@ class ProfileConfig(ProfileOptions):
         methods = list(dict.fromkeys(methods))
         cases = tuple(ProfileCase(method, batch) for batch in dict.fromkeys(self.batch_sizes) for method in methods)
         device = resolve_device(self.device)
+        lora = lora_spec(self.lora, self.lora_alpha, self.lora_dropout, self.lora_targets)
         return ProfilePlan(copy.deepcopy(self), device, dtype, cases,
-                           _compile_mode(self.compile, self.compile_mode, device))
+                           _compile_mode(self.compile, self.compile_mode, device), lora,
+                           bool(self.skip_kept))
 
     def _check_sizes(self) -> None:
         for batch in self.batch_sizes:
@@ -150,6 +163,8 @@ class ProfilePlan:
     dtype: torch.dtype
     cases: tuple[ProfileCase, ...]
     compile: str | None = None  # the torch.compile mode every case runs under (None: eager)
+    lora: LoraSpec | None = None  # PEFT's LoRA on the model, every case alike
+    skip_kept: bool = False  # leave exact the layers whose input another op keeps (a probe forward)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -174,10 +189,11 @@ class ProfilePlan:
 
     def config_record(self) -> dict:
         config = self.config
-        return {**asdict(config), "rhos": list(config.rhos), "sketches": list(config.sketches),
+        options = {key: value for key, value in asdict(config).items() if key not in _LORA_OPTIONS}
+        return {**options, "rhos": list(config.rhos), "sketches": list(config.sketches),
                 "methods": list(config.methods), "batch_sizes": list(config.batch_sizes),
                 "device": str(self.device), "dtype": dtype_name(self.dtype), "warmup": self.warmup_steps,
-                "compile_mode": self.compile}
+                "compile_mode": self.compile, **lora_record(self.lora)}
 
 
 # ---------------------------------------------------------------------------- finetune and variance
@@ -194,7 +210,10 @@ class FinetuneConfig(FinetuneOptions):
     def model_name(self) -> str:
         if self.model:
             return self.model
-        return SYNTHETIC_DEFAULT_MODEL if self.task == "synthetic" and not self.custom_data else DEFAULT_MODEL
+        if self.custom_data:
+            return DEFAULT_MODEL
+        return {"synthetic": SYNTHETIC_DEFAULT_MODEL, "synthetic-lm": SYNTHETIC_LM_DEFAULT_MODEL}.get(self.task,
+                                                                                                  DEFAULT_MODEL)
 
     def resolve(self) -> FinetunePlan:
         """Check every option once; the plan `finetune` runs: one method per run."""
@@ -219,7 +238,8 @@ class FinetuneConfig(FinetuneOptions):
         self._check_data_options()  # after the task: an unknown task is said as such first
         device = resolve_device(self.device)
         return dict(config=copy.deepcopy(self), device=device, dtype=dtype, model_name=self.model_name(), task=task,
-                    compile=_compile_mode(self.compile, self.compile_mode, device)), sketch
+                    compile=_compile_mode(self.compile, self.compile_mode, device),
+                    lora=lora_spec(self.lora, self.lora_alpha, self.lora_dropout, self.lora_targets)), sketch
 
     def _check_numbers(self) -> None:
         positive = {"--epochs": self.epochs, "--max-steps": self.max_steps, "--batch-size": self.batch_size,
@@ -241,7 +261,7 @@ class FinetuneConfig(FinetuneOptions):
         if self.custom_data:
             return
         ignored = {"--text-columns": self.text_columns, "--label-column": self.label_column != "label"}
-        if self.task == "synthetic":
+        if self.task in ("synthetic", "synthetic-lm"):
             ignored["--data-dir"] = self.data_dir
         for option, given in ignored.items():
             if given:
@@ -289,11 +309,13 @@ class TrainingPlan:
     model_name: str
     task: TaskSpec | None  # None: the user's own files, whose labels decide the task
     compile: str | None = None  # the torch.compile mode every method runs under (None: eager)
+    lora: LoraSpec | None = None  # PEFT's LoRA on the model of every run
 
     def optimizer(self, parameters, lr: float) -> torch.optim.Optimizer:
-        """AdamW as Fairseq configures it for GLUE (docs/method.md §5): decay on every parameter."""
+        """AdamW as Fairseq configures it for GLUE (docs/method.md §5): decay on every trained
+        parameter (with LoRA, the adapters')."""
         config = self.config
-        return torch.optim.AdamW(parameters, lr=lr, betas=config.adam_betas, eps=config.adam_eps,
+        return torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=lr, betas=config.adam_betas, eps=config.adam_eps,
                                  weight_decay=config.weight_decay)
 
     def warmup_steps(self, total_steps: int) -> int:
@@ -312,8 +334,9 @@ class TrainingPlan:
 
     def config_record(self, **resolved) -> dict:
         """The config block of the report: the options as given, with what they resolved to."""
-        return {**asdict(self.config), "model": self.model_name, "device": str(self.device),
-                "compile_mode": self.compile, **resolved}
+        options = {key: value for key, value in asdict(self.config).items() if key not in _LORA_OPTIONS}
+        return {**options, "model": self.model_name, "device": str(self.device),
+                "compile_mode": self.compile, **lora_record(self.lora), **resolved}
 
 
 @dataclass(frozen=True)

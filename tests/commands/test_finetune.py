@@ -25,7 +25,7 @@ def _finetune(args):
 
 def test_randomized_training_learns_the_synthetic_task_well_above_chance(tmp_path):
     """Balanced ρ = 0.5 (the default sketch) learns: a wrong weight gradient would not (a
-    zero-mean one stays at chance, 0.5). tests/test_modes.py has the compiled run."""
+    zero-mean one stays at chance, 0.5). tests/core/test_modes.py has the compiled run."""
     out = tmp_path / "report.json"
     result = _finetune(["--task", "synthetic", "--rho", "0.5", "--epochs", "2", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -225,3 +225,35 @@ def test_offline_glue_without_data_says_offline_mode_was_asked_for():
     result = _finetune([*TINY, "--task", "mrpc", "--offline"])
     assert result.exit_code == 1 and "unreachable" not in result.stderr, result.stderr
     assert "--offline" in result.stderr and "--data-dir" in result.stderr
+
+
+def test_a_decoder_learns_synthetic_lm_with_lora_exactly_and_randomized():
+    """The next-token task on llama-tiny with LoRA r 8: both runs pass 0.5 held-out token accuracy
+    (the chain's ceiling is about 0.755; a model that learnt nothing gets 1/48), the randomized run
+    sketches the adapters and leaves o_proj's adapter exact, and the report records LoRA."""
+    from randbp_cli.commands.finetune import run_finetune
+    from randbp_cli.run.plans import FinetuneConfig
+
+    report = run_finetune(FinetuneConfig(task="synthetic-lm", rhos=[0.5], compare=True, lora=8, max_steps=80,
+                                         max_train_samples=1280, max_eval_samples=64, device="cpu", offline=True))
+    assert report["model"]["name"] == "llama-tiny" and report["model"]["head"] == "causal-lm"
+    assert report["config"]["lora"] == {"r": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["all-linear"]}
+    exact, randomized = report["runs"]
+    for run in (exact, randomized):
+        assert run["best"]["value"] > 0.5, run["epochs"]
+        assert run["hyperparameters"]["lr"] == pytest.approx(1e-2)  # LoRA's 10× the task's rate
+    assert randomized["converted_layers"]["count"] == 13 * 2  # 6 lora_A (o_proj's left exact), 7 lora_B
+    assert list(randomized["converted_layers"]["left_exact"]).count(
+        "base_model.model.model.layers.*.self_attn.o_proj.lora_A.default") == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--task", "synthetic", "--model", "llama-tiny"], "is a decoder language model and task synthetic is classification"),
+    (["--task", "synthetic-lm", "--model", "roberta-tiny"], "task synthetic-lm is language modelling"),
+    (["--task", "mrpc", "--model", "gpt2-tiny"], "train a decoder on --task synthetic-lm"),
+])
+def test_a_task_for_the_other_head_is_refused_in_one_line(args, needle):
+    result = runner.invoke(app, ["finetune", *args, "--device", "cpu", "--offline"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr

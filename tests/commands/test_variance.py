@@ -261,3 +261,20 @@ def test_progress_lines_when_stderr_is_not_a_terminal():
     assert [line.split(",")[0] for line in lines[1:]] == [f"variance: step {s}/20" for s in (2, 4, 6, 8, 10, 12, 14,
                                                                                             16, 18, 20)]
     assert "\x1b" not in result.stderr  # no bar, no colour codes
+
+
+def test_variance_of_lora_adapters_on_a_decoder():
+    """`randbp variance --task synthetic-lm --lora 4` on llama-tiny measures the trained layers only
+    (the adapters, not the frozen base layers), each against SGD's noise, on real tokens."""
+    result = runner.invoke(app, ["variance", "--task", "synthetic-lm", "--lora", "4", "--rho", "0.5", "--steps", "1",
+                                 "--repeats", "4", "--batch-size", "4", "--max-train-samples", "16",
+                                 "--device", "cpu", "--offline", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["lora"]["r"] == 4
+    layers = report["layers"]
+    assert layers and all(".lora_A." in name or ".lora_B." in name for name in layers)
+    # lora_B starts at zero, so lora_A has no gradient on the first batch; after one step it has
+    assert all(record["ratio"] is None for record in report["records"] if record["step"] == 0
+               and ".lora_A." in record["layer"])
+    assert all(record["ratio"] > 0 for record in report["records"] if record["step"] == 1)

@@ -465,7 +465,7 @@ def aot_eager_compile(monkeypatch):
 
 def test_compiled_randomized_finetune_learns_the_synthetic_task(aot_eager_compile):
     """Balanced ρ = 0.5, compiled, learns (chance is 0.5) — as a zero-mean weight gradient would
-    not. (tests/test_finetune.py has the same run in eager mode.)"""
+    not. (tests/commands/test_finetune.py has the same run in eager mode.)"""
     from typer.testing import CliRunner
 
     from randbp_cli.cli.main import app

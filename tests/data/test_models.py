@@ -64,16 +64,35 @@ def _refused(result, *needles):
         assert needle in lines[0], (needle, lines[0])
 
 
-@pytest.mark.parametrize("model_type, kind", [("gpt2", "a decoder"), ("t5", "an encoder-decoder")])
-def test_decoder_models_are_refused_up_front(tmp_path, model_type, kind):
-    """A GPT-2 config crashed in the first forward (no padding token), a T5 config with an AttributeError."""
-    model = _config_dir(tmp_path, model_type)
+def test_encoder_decoders_are_refused_up_front(tmp_path):
+    """A T5 config crashed with an AttributeError."""
+    model = _config_dir(tmp_path, "t5")
     _refused(_cli("profile", "--model", model, "-b", "2", "--seq-len", "8", "--steps", "1", "--warmup", "0",
-                  "--device", "cpu"), f"is a {model_type} model ({kind})", "bert, camembert")
-    # before any data is read: these files do not even exist
+                  "--device", "cpu"), "is a t5 model (an encoder-decoder)", "bert, camembert", "llama")
     _refused(_cli("finetune", "--model", model, "--train-file", tmp_path / "none.csv", "--validation-file",
-                  tmp_path / "none.csv", "--text-columns", "text", "--device", "cpu"), f"is a {model_type} model")
-    _refused(_cli("variance", "--model", model, "--task", "synthetic", "--device", "cpu"), f"is a {model_type} model")
+                  tmp_path / "none.csv", "--text-columns", "text", "--device", "cpu"), "is a t5 model")
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_decoders_profile_as_causal_lms_and_training_them_is_refused_up_front(tmp_path, model):
+    """A decoder keeps its causal-LM head (labels: the input ids) and profiles exact and randomized;
+    finetune and variance, which train classifiers, refuse it in one line before any data is read."""
+    from randbp_cli.commands.profile import run_profile
+    from randbp_cli.run.plans import ProfileConfig
+
+    directory = _config_dir(tmp_path, model) if model == "gpt2" else "llama-tiny"
+    loaded = load_model(str(directory), offline=True)
+    assert loaded.head == "causal-lm" and type(loaded.model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    report = run_profile(ProfileConfig(model=str(directory), rhos=[0.5], batch_sizes=[2], seq_len=8, steps=1,
+                                       warmup=0, device="cpu", offline=True))
+    exact, randomized = report["results"]
+    assert report["model"]["head"] == "causal-lm" and randomized["randomized_layers"] > 0
+    assert 0 < randomized["activation_bytes"] < exact["activation_bytes"]
+    _refused(_cli("finetune", "--model", directory, "--train-file", tmp_path / "none.csv", "--validation-file",
+                  tmp_path / "none.csv", "--text-columns", "text", "--device", "cpu"), "is a decoder language model",
+             "randbp profile")
+    _refused(_cli("variance", "--model", directory, "--task", "synthetic", "--device", "cpu"),
+             "is a decoder language model")
 
 
 def test_checkpointing_a_model_without_it_is_refused_up_front(tmp_path):
@@ -85,7 +104,7 @@ def test_checkpointing_a_model_without_it_is_refused_up_front(tmp_path):
                   "--device", "cpu"), "AlbertForSequenceClassification", "checkpointing")
 
 
-@pytest.mark.parametrize("model_type", __import__("randbp_cli.data.models", fromlist=["ENCODER_TYPES"]).ENCODER_TYPES)
+@pytest.mark.parametrize("model_type", __import__("randbp_cli.data.heads", fromlist=["ENCODER_TYPES"]).ENCODER_TYPES)
 def test_every_supported_encoder_profiles_and_trains(tmp_path, model_type):
     """What ENCODER_TYPES claims: each builds from a tiny config, profiles exact, randomized and,
     where transformers has it, checkpointed, at the longest input its positions allow (RoBERTa's

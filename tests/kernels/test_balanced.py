@@ -281,7 +281,7 @@ def test_compiled_graphs_draw_each_shared_sketch_once_and_apply_it_per_layer(tin
     """The graphs `aot_eager` makes (users' partitioner, with counting compilers): one draw per
     distinct input — Q, K and V share one; the partitioner may place a draw in either graph, but
     never in both — and one Sᵀ dY per layer in backward. (That the backward uses the forward's S
-    is tests/test_modes.py's job: exact at ρ = 1, unbiased below.)"""
+    is tests/core/test_modes.py's job: exact at ρ = 1, unbiased below.)"""
     import functools
 
     from torch._dynamo.backends.debugging import aot_eager, boxed_nop

@@ -141,3 +141,17 @@ def test_an_error_only_one_rank_hits_is_said_by_that_rank(monkeypatch):
     monkeypatch.setattr("randbp_cli.run.distributed.init_distributed", fail)
     result = runner.invoke(cli.app, ["finetune", *COMMON])
     assert result.exit_code == 2 and result.stderr.strip() == "rank 1: randbp: error: no GPU for this rank"
+
+
+def test_a_decoder_with_lora_trains_randomized_under_torchrun(tmp_path):
+    """llama-tiny, LoRA r 4, synthetic-lm, two gloo ranks: the adapters sketched on every rank."""
+    out = tmp_path / "ddp.json"
+    proc = torchrun(["--task", "synthetic-lm", "--lora", "4", "--rho", "0.5", "--max-train-samples", "64",
+                     "--max-eval-samples", "16", "--max-steps", "3", "--batch-size", "4", "--device", "cpu",
+                     "-o", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert report["distributed"]["world_size"] == 2 and run["status"] == "completed"
+    assert run["converted_layers"]["count"] == 13 * 2 and report["config"]["lora"]["r"] == 4
+    assert all(rank["memory"]["activation_bytes_by_kind"]["sketches"] > 0 for rank in run["distributed"]["per_rank"])
