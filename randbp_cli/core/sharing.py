@@ -15,10 +15,12 @@ A follower takes the leader's sketch only if all of these hold, each for a reaso
     through a NumPy or DLPack view keeps its pointer and its version: only the pass tells
     its new values from the old ones;
   * the same sketch, k and dtype, and a layer that has not taken this sketch yet.
-What is kept, and for how long: the entry holds the sketch tensors themselves (followers must
+What is kept, and for how long: an entry holds the sketch tensors themselves (followers must
 get the leader's very objects even when a saved-tensor hook stores copies) until the pass
-ends, another input is sketched, or the input dies — so nothing outlives the layers that use
-it, under activation checkpointing too.
+ends, `KEPT_ENTRIES` other inputs have been sketched since, or the input dies — so nothing
+outlives the layers that use it by more than a few draws, under activation checkpointing too.
+More than one entry because the readers of one tensor need not be adjacent: a LoRA adapter's
+q, k and v `lora_A` each read the norm's output, with a `lora_B` (another input) drawn between.
 
 Under torch.compile a scope is never touched (`active()` is False): a traced graph shares by
 itself. Every sharing layer draws with the same `site` (ops.py), so the draws of layers that
@@ -52,11 +54,14 @@ class _Entry:
     users: set
 
 
+KEPT_ENTRIES = 4  # the latest sketches a scope holds for followers
+
+
 class SketchSharing:
     """A sharing scope: the model `convert` made it for, or `DEFAULT_SHARING` for other layers."""
 
     def __init__(self) -> None:
-        self._entry: _Entry | None = None
+        self._entries: list[_Entry] = []  # the latest first
         self._pass = 0
 
     @staticmethod
@@ -67,12 +72,12 @@ class SketchSharing:
     # -- pass boundaries (hooks on the converted model's root; backward for the default scope)
     def begin_pass(self, *_hook_args) -> None:
         if self.active():
-            self._entry = None
+            self._entries = []
             self._pass += 1
 
     def end_pass(self, *_hook_args) -> None:
         if self.active():
-            self._entry = None
+            self._entries = []
 
     def end_backward(self) -> None:
         self._pass += 1
@@ -80,26 +85,26 @@ class SketchSharing:
     # -- lookup and publication
     def take(self, x: Tensor, key: tuple, user: str) -> tuple[object, tuple[Tensor, ...]] | None:
         """(use, drawn) of the sketch another layer made of `x` in this pass, or None."""
-        entry = self._entry
-        if entry is None or entry.key != key or user in entry.users:
-            return None
-        if (entry.anchor() is not x or entry.pass_id != self._pass or entry.version != x._version
-                or entry.data_ptr != x.data_ptr()):
-            return None
-        entry.users.add(user)
-        return entry.use, entry.drawn
+        for entry in self._entries:
+            if entry.anchor() is not x or entry.key != key or user in entry.users:
+                continue
+            if entry.pass_id != self._pass or entry.version != x._version or entry.data_ptr != x.data_ptr():
+                return None
+            entry.users.add(user)
+            return entry.use, entry.drawn
+        return None
 
     def offer(self, x: Tensor, key: tuple, user: str, use: object, drawn: tuple[Tensor, ...]) -> None:
-        """Publish the sketch `user` just made of `x` (replacing whatever was there)."""
+        """Publish the sketch `user` just made of `x` (the oldest entry beyond KEPT_ENTRIES dropped)."""
         anchor = weakref.ref(x, self._forget)  # the input's death drops the entry (and its sketch)
-        self._entry = _Entry(key, anchor, x._version, x.data_ptr(), self._pass, use, drawn, {user})
+        entry = _Entry(key, anchor, x._version, x.data_ptr(), self._pass, use, drawn, {user})
+        self._entries = [entry, *self._entries[:KEPT_ENTRIES - 1]]
 
     def __getstate__(self) -> dict:  # copies and pickles of a model start with no entry
-        return {"_entry": None, "_pass": self._pass}
+        return {"_entries": [], "_pass": self._pass}
 
     def _forget(self, anchor: weakref.ref) -> None:
-        if self._entry is not None and self._entry.anchor is anchor:
-            self._entry = None
+        self._entries = [entry for entry in self._entries if entry.anchor is not anchor]
 
 
 DEFAULT_SHARING = SketchSharing()

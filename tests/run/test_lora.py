@@ -101,6 +101,13 @@ def test_adapters_of_one_tensor_share_a_sketch_and_o_proj_is_left_exact():
     k = round(0.25 * 2 * 32)
     per_layer = k * (2 * config.hidden_size + config.intermediate_size) * 4
     assert stats.by_kind["sketches"] == per_layer * config.num_hidden_layers
+    # every trainable layer, lora_B too (--lora's default): each lora_B draws between two lora_A that
+    # read one tensor, and they still share (the scope keeps more than the latest sketch)
+    model = convert(restore(model), 0.25, sketch="balanced", probe=lambda m: m(**batch))
+    _, stats = count_saved_bytes(lambda: model(**batch).loss, model, exclude=batch.values())
+    lora_b = k * 4 * 7 * 4  # seven r-wide inputs per layer
+    assert stats.by_kind["sketches"] == (per_layer + lora_b) * config.num_hidden_layers
+    assert stats.by_kind["linear_inputs"] == 0
 
 
 def _cli(*args):
