@@ -29,6 +29,9 @@ fused GPU kernel, and tests hold one to the other (exactly on buckets and signs)
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -98,10 +101,48 @@ def line_layout(n_rows: int, k: int, seed: int, device: torch.device | str = "cp
     """
     check_shape(n_rows, k)
     keys = seed_keys(seed)
+    if torch.device(device).type == "cpu":
+        return _line_layout_numpy(n_rows, k, keys)
     rows = permuted_rows(n_rows, keys, device)
     positions = torch.arange(n_rows, dtype=torch.int64, device=device)
     negative = mix32(positions ^ keys[ROUNDS]) >> 31
     return rows, positions.mul_(k).floor_divide_(n_rows).add_(negative, alpha=k)
+
+
+def _line_layout_numpy(n_rows: int, k: int, keys: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """`line_layout` on the CPU, the same integers through NumPy.
+
+    NOTE: the layout is ~40 operations on small integer arrays; a torch op costs ~15 µs of dispatch
+    on a CPU, a NumPy one a few, and the arrays that depend only on N and k are made once
+    (`_domain`, `_groups`): a call then takes a fraction of the torch path's time (the test in
+    tests/kernels/test_balanced.py holds the two equal). It matters where many small layers each
+    sketch: LoRA's adapters make hundreds of calls a step.
+    """
+    h = half_bits(n_rows)
+    values, left, right = _domain(h)
+    tables = mix32(values[None, :] ^ np.asarray(keys[:ROUNDS], dtype=np.int64)[:, None]) & ((1 << h) - 1)
+    for table in tables:
+        left, right = right, left ^ table[right]
+    jump = (left << h) | right
+    while (jump[:n_rows] >= n_rows).any():  # cycle walking by pointer doubling, as permuted_rows
+        jump = np.where(jump >= n_rows, jump[jump], jump)
+    positions, group = _groups(n_rows, k)
+    negative = mix32(positions ^ keys[ROUNDS]) >> 31
+    return torch.from_numpy(jump[:n_rows].copy()), torch.from_numpy(group + negative * k)
+
+
+@functools.lru_cache(maxsize=64)
+def _domain(h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 2^h round-function inputs, and the halves (L, R) of every x in [0, 2^2h): no seed in them."""
+    x = np.arange(1 << (2 * h), dtype=np.int64)
+    return x[: 1 << h], x >> h, x & ((1 << h) - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _groups(n_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every position p and its group ⌊p·k/N⌋: no seed in them."""
+    positions = np.arange(n_rows, dtype=np.int64)
+    return positions, positions * k // n_rows
 
 
 def buckets_and_signs(n_rows: int, k: int, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

@@ -305,3 +305,18 @@ def test_compiled_graphs_draw_each_shared_sketch_once_and_apply_it_per_layer(tin
     assert ops_in["forward"]["sketch_draw"] + ops_in["backward"]["sketch_draw"] == 4 * layers + 2  # + classifier's two
     assert ops_in["forward"]["sketch_apply"] == 0 and ops_in["backward"]["sketch_apply"] == 6 * layers + 2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 7, 100, 512, 1000, 4096, 5000])
+def test_the_cpu_layout_through_numpy_equals_the_torch_one(n_rows):
+    """line_layout on a CPU runs through NumPy (a fraction of torch's dispatch per small op): the same
+    integers as the torch path the GPU and the Triton kernel are held to."""
+    from randbp_cli.kernels.balanced import ROUNDS, _line_layout_numpy, mix32, permuted_rows, seed_keys
+
+    for k in sorted({1, max(1, n_rows // 10), max(1, n_rows // 2), n_rows}):
+        for seed in (0, 1, 2**40 + 17, 2**62 - 5):
+            keys = seed_keys(seed)
+            rows, fold = _line_layout_numpy(n_rows, k, keys)
+            positions = torch.arange(n_rows)
+            assert torch.equal(rows, permuted_rows(n_rows, keys, "cpu"))
+            assert torch.equal(fold, positions * k // n_rows + (mix32(positions ^ keys[ROUNDS]) >> 31) * k)
