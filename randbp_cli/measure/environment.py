@@ -24,7 +24,7 @@ def _git_commit() -> dict | None:
     """The commit the code ran from, and whether the code differs from it: tracked files other than
     results/, the tests, docs/ and Markdown (regenerating one result after another, or editing the
     README while a benchmark runs, must not make a result look as if other code had made it)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: randbp_cli/measure/ is two below it
     if not (root / ".git").exists():
         return None
     try:
