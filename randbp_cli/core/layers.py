@@ -285,6 +285,17 @@ class _Sketched:
     min_rows = property(lambda self: self.plan.min_rows)
     share_sketch = property(lambda self: self.plan.share)
 
+    @classmethod
+    def _holding(cls, original: nn.Module):
+        """A new layer of this class holding `original`'s very Parameter objects, in its train/eval mode."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.weight = original.weight
+        layer.register_parameter("bias", original.bias)
+        layer.train(original.training)
+        layer.sharing = DEFAULT_SHARING
+        return layer
+
 
 class RandomizedLinear(_Sketched, nn.Linear):
     """Drop-in `nn.Linear` whose weight gradient is estimated from a sketch of its input.
@@ -307,13 +318,8 @@ class RandomizedLinear(_Sketched, nn.Linear):
     def from_linear(cls, linear: nn.Linear, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH,
                     min_rows: int = 1, share_sketch: bool = True, name: str = "") -> "RandomizedLinear":
         """A RandomizedLinear holding the *same* Parameter objects as `linear` (no copies)."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
+        layer = cls._holding(linear)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.register_parameter("bias", linear.bias)
-        layer.train(linear.training)
-        layer.sharing = DEFAULT_SHARING
         return layer.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch, name=name)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -349,17 +355,12 @@ class RandomizedConv1D(_Sketched, nn.Module):
         self.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch)
 
     @classmethod
-    def from_conv1d(cls, conv: nn.Module, *, rho: float, sketch: str | Sketch = DEFAULT_SKETCH,
-                    min_rows: int = 1, share_sketch: bool = True, name: str = "") -> "RandomizedConv1D":
-        """A RandomizedConv1D holding the *same* Parameter objects as `conv` (no copies)."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
+    def from_conv1d(cls, conv: nn.Module, **settings) -> "RandomizedConv1D":
+        """A RandomizedConv1D holding the *same* Parameter objects as `conv` (no copies); `settings`
+        (rho, sketch, min_rows, share_sketch, name) as `RandomizedLinear.from_linear` takes them."""
+        layer = cls._holding(conv)
         layer.nf, layer.nx = conv.nf, conv.weight.shape[0]
-        layer.weight = conv.weight
-        layer.register_parameter("bias", conv.bias)
-        layer.train(conv.training)
-        layer.sharing = DEFAULT_SHARING
-        return layer.configure(rho=rho, sketch=sketch, min_rows=min_rows, share_sketch=share_sketch, name=name)
+        return layer.configure(**settings)
 
     def forward(self, x: Tensor) -> Tensor:
         return randomized_forward(x, self.weight.T, self.bias, self.plan, self.sharing, self.training)
