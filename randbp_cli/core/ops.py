@@ -119,7 +119,7 @@ def traced_or_direct(op, function, *args):
     """`op(*args)` while torch.compile traces, `function(*args)` — what the op runs — otherwise.
 
     NOTE: a traced graph needs randbp's work opaque (see above for why); eagerly an op would add
-    only its dispatch (~100 µs a call on a CPU, 30% of a small layer's step). Only for functions
+    only its dispatch, a large share of a small layer's step on a CPU. Only for functions
     built of differentiable torch ops: then the two are the same computation, eagerly
     differentiable to any order."""
     return op(*args) if torch.compiler.is_compiling() else function(*args)

@@ -112,8 +112,8 @@ def line_layout(n_rows: int, k: int, seed: int, device: torch.device | str = "cp
 def _line_layout_numpy(n_rows: int, k: int, keys: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """`line_layout` on the CPU, the same integers through NumPy.
 
-    NOTE: the layout is ~40 operations on small integer arrays; a torch op costs ~15 µs of dispatch
-    on a CPU, a NumPy one a few, and the arrays that depend only on N and k are made once
+    NOTE: the layout is ~40 operations on small integer arrays; a torch op's dispatch on a CPU costs
+    several times a NumPy one's, and the arrays that depend only on N and k are made once
     (`_domain`, `_groups`): a call then takes a fraction of the torch path's time (the test in
     tests/kernels/test_balanced.py holds the two equal). It matters where many small layers each
     sketch: LoRA's adapters make hundreds of calls a step.

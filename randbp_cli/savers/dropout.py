@@ -16,9 +16,9 @@ of torch's own CPU dropout). keep = [u ≥ round(p·2^32)] for u a uniform 32-bi
 generator seeded with the call's seed, so P(keep) = 1 − p to 2^-33 (finer than `bernoulli_`'s
 float32 draw). The masks differ from `nn.Dropout`'s (another random stream) but have the same
 distribution. Why 32-bit integers, two per 64-bit draw: torch's CPU generator fills tensors
-serially, one draw per element, and one 64-bit draw per two elements takes 0.56× the time of
-`uniform_` and 0.30× that of `bernoulli_` (roberta-base's hidden dropout, 2 cores), which
-makes drawing each mask twice (forward and backward) cheaper than native dropout's one draw.
+serially, one draw per element, and one 64-bit draw per two elements takes a fraction of the time
+of `uniform_`, and less again of `bernoulli_`'s (benchmarks/savers.py measures the saver's step),
+which makes drawing each mask twice (forward and backward) cheaper than native dropout's one draw.
 
 Seeds: each call draws a fresh seed from torch's global CPU RNG, inside the custom op
 `randbp::seed_dropout` that also applies the mask and returns the seed (for the reason ops.py
