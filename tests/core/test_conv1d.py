@@ -68,3 +68,40 @@ def test_convert_swaps_gpt2s_conv1d_layers_and_restore_puts_them_back():
     assert describe_conversion(model)["randomized_layers"] == len(names)
     model = restore(model)
     assert all(model.get_submodule(name) is module for name, module in originals.items())
+
+
+def _exact_and_randomized_grads(run):
+    """Gradients of a Conv1D and of its ρ = 1 balanced RandomizedConv1D (exact), both through `run`."""
+    torch.manual_seed(3)
+    conv = Conv1D(12, 8)
+    x, grad_out = torch.randn(2, 6, 8), torch.randn(2, 6, 12)
+    randomized = RandomizedConv1D.from_conv1d(Conv1D(12, 8), rho=1.0, sketch="balanced")
+    randomized.weight.data.copy_(conv.weight.data)
+    randomized.bias.data.copy_(conv.bias.data)
+    return [_grads_through(layer, x, grad_out, run) for layer in (conv, randomized)]
+
+
+def _grads_through(layer, x, grad_out, run):
+    x = x.clone().requires_grad_(True)
+    run(layer, x).float().backward(grad_out)
+    return x.grad, layer.weight.grad, layer.bias.grad
+
+
+@pytest.mark.parametrize("mode", ["compile", "checkpoint", "autocast"])
+def test_exact_gradients_at_rho_one_in_every_mode(mode):
+    """torch.compile (aot_eager: Dynamo and AOTAutograd's tracing), activation checkpointing and
+    bf16 autocast: the randomized Conv1D at ρ = 1 gives Conv1D's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    runs = {"compile": lambda layer, x: torch.compile(layer, backend="aot_eager")(x),
+            "checkpoint": lambda layer, x: checkpoint(layer, x, use_reentrant=False),
+            "autocast": lambda layer, x: _autocast(layer, x)}
+    exact, randomized = _exact_and_randomized_grads(runs[mode])
+    tolerance = dict(rtol=2e-2, atol=2e-2) if mode == "autocast" else dict(rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(randomized, exact):
+        torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+def _autocast(layer, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return layer(x)
