@@ -25,17 +25,18 @@ from randbp_cli.reports.files import write_json_atomic  # noqa: E402
 from randbp_cli.run.plans import ProfileConfig  # noqa: E402
 
 MiB = 2**20
-KINDS = ("linear_inputs", "linear_inputs_shared", "sketches", "other")
+KINDS = ("linear_inputs", "linear_inputs_shared", "sketches", "attention", "mlp", "norms", "logits", "other")
 
 
 def _by_kind(name: str, report: dict) -> None:
     print(f"\n{name}: MiB by kind")
-    print(f"{'method':<12} {'total':>8} " + " ".join(f"{kind:>21}" for kind in KINDS) + f" {'× exact':>8} {'time ×':>7}")
+    print(f"{'method':<12} {'total':>8} " + " ".join(f"{kind:>{max(9, len(kind))}}" for kind in KINDS)
+          + f" {'× exact':>8} {'time ×':>7}")
     for r in report["results"]:
         kinds = r["activation_bytes_by_kind"]
         ratio = 1 - r["activation_saving_vs_exact"]
         print(f"{r['method']:<12} {r['activation_bytes'] / MiB:>8.1f} "
-              + " ".join(f"{kinds.get(kind, 0) / MiB:>21.1f}" for kind in KINDS)
+              + " ".join(f"{kinds.get(kind, 0) / MiB:>{max(9, len(kind))}.1f}" for kind in KINDS)
               + f" {ratio:>8.3f} {r['time_ratio_vs_exact']:>7.2f}")
 
 

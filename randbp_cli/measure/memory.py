@@ -39,7 +39,8 @@ from torch.utils._pytree import tree_leaves
 
 from ..core.layers import RandomizedConv1D, RandomizedLinear, is_conv1d
 
-KINDS = ("linear_inputs", "linear_inputs_shared", "sketches", "weight_copies", "other")
+KINDS = ("linear_inputs", "linear_inputs_shared", "sketches", "weight_copies",
+         "attention", "mlp", "norms", "logits", "other")
 SAVED_KIND_ATTR = "_randbp_saved_kind"  # on a saved tensor: the saver kind it is filed under
 _BUILTIN_SAVERS = frozenset({"other", "linear", "sketch", "weight_copy"})
 
@@ -111,11 +112,53 @@ class SavedTensorStats:
         return dict(sorted(folded.items(), key=lambda kv: -kv[1]))
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm (torch's and every model's own `...RMSNorm`), GroupNorm ..."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith("Norm")
+
+
+def _is_output_model(module: nn.Module) -> bool:
+    """A transformers model with a head on top (`LlamaForCausalLM`, `GPT2LMHeadModel`,
+    `RobertaForSequenceClassification`): what runs in its own forward is the head's loss."""
+    base = getattr(module, "base_model", None)
+    return hasattr(module, "config") and isinstance(base, nn.Module) and base is not module
+
+
+def part_of_model(stack: list[tuple[str, nn.Module]]) -> str:
+    """Which part of a Transformer the running modules are, for a tensor no linear layer and no
+    saver claims: `norms` (saved inside a norm), `attention` or `mlp` (inside an attention or
+    feed-forward block: scores, softmax, rotary, SwiGLU's gate/SiLU/up, GELU's input, their
+    dropout masks), `logits` (inside an output head, or by the loss the task model computes
+    over the logits in its own forward), else `other` (embeddings, the dropout between blocks ...).
+
+    Judged by class names, innermost module first: `...Attention`/`...Attn`,
+    `...MLP`/`...Intermediate`/`...FeedForward`, `...Head`; they name these blocks in every
+    architecture transformers ships that randbp loads.
+    """
+    if not stack:
+        return "other"
+    innermost = stack[-1][1]
+    if _is_norm(innermost):
+        return "norms"
+    if _is_output_model(innermost):
+        return "logits"
+    for _, module in reversed(stack):
+        cls = type(module).__name__.lower()
+        if "attention" in cls or cls.endswith("attn"):
+            return "attention"
+        if "mlp" in cls or "intermediate" in cls or "feedforward" in cls:
+            return "mlp"
+        if cls.endswith("head"):
+            return "logits"
+    return "other"
+
+
 @dataclass
 class _Storage:
     nbytes: int
     module: str
     savers: set[str]
+    part: str  # part_of_model() when first saved: the kind of an `other` tensor
 
 
 class SavedTensorCounter:
@@ -192,7 +235,7 @@ class SavedTensorCounter:
             entry = self._storages.get(key)
             if entry is None:
                 module = self._stack[-1][0] if self._stack else ""
-                self._storages[key] = _Storage(nbytes, module, {saver})
+                self._storages[key] = _Storage(nbytes, module, {saver}, part_of_model(self._stack))
             else:
                 entry.savers.add(saver)
         return _as_saved(t)
@@ -213,7 +256,7 @@ class SavedTensorCounter:
             elif len(savers) == 1 and not savers & _BUILTIN_SAVERS:
                 kind = next(iter(savers))  # an activation saver's own kind
             else:
-                kind = "other"
+                kind = entry.part
             stats.by_kind[kind] = stats.by_kind.get(kind, 0) + entry.nbytes
             stats.total_bytes += entry.nbytes
             by_module[entry.module or "(outside modules)"] += entry.nbytes

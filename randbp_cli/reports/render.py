@@ -112,6 +112,36 @@ def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None
     return table
 
 
+# A kind's column header: what the bytes are, for a reader who has not read the README
+KIND_HEADERS = {"linear_inputs": "linear inputs", "linear_inputs_shared": "kept by another op too",
+                "weight_copies": "weight copies", "attention_probs": "attention probs (saver)",
+                "gelu_codes": "GELU codes (saver)", "dropout_seeds": "dropout seeds (saver)"}
+
+
+def kinds_table(report: ProfileReport, merged_from: list[ProfileReport] | None = None) -> Table | None:
+    """Where each case's activations go: MiB by kind (memory.py's kinds; the kinds no case saves
+    are left out). None for reports made before the kinds were recorded."""
+    results = [r for r in report.results if r.activation_bytes_by_kind]
+    if not results:
+        return None
+    kinds = [kind for kind in dict.fromkeys(k for r in results for k in r.activation_bytes_by_kind)
+             if any(r.activation_bytes_by_kind.get(kind) for r in results)]
+    origins = {id(r): source for source in merged_from or [] for r in source.results}
+    labels = _file_labels(merged_from or [])
+    show_savers = any(r.savers for r in results)
+    identity = ["report"] * bool(origins) + ["method", "ρ", "sketch"] + ["savers"] * show_savers + ["batch", "seq"]
+    table = ReportTable(title="activations by kind, MiB", title_justify="left", keys=len(identity))
+    add_columns(table, [*identity, *(KIND_HEADERS.get(kind, kind) for kind in kinds), "total"],
+                left=("report", "method", "sketch", "savers"))
+    for r in results:
+        row = [*([labels[id(origins[id(r)])]] if origins else []), r.method, "—" if r.rho is None else f"{r.rho:g}",
+               r.sketch or "—", *([", ".join(r.savers or []) or "—"] if show_savers else []),
+               str(r.batch_size), str(r.seq_len)]
+        row += [_mib(r.activation_bytes_by_kind.get(kind, 0)) for kind in kinds] + [_mib(r.activation_bytes)]
+        table.add_row(*row, style="bold" if r.method == "exact" and not r.savers else None)
+    return table
+
+
 def _file_labels(reports: list[Report]) -> dict[int, str]:
     """Each report's file name, or its path as given where two share a name (a/p.json, b/p.json)."""
     names = [Path(r.source).name if r.source else "?" for r in reports]
@@ -309,7 +339,9 @@ def tables_for(reports: list[Report | BenchmarkOutput]) -> list[Table]:
     """The same rich tables the commands print, for reports of one kind (profiles merged)."""
     kind = one_kind(reports)
     if kind == "profile":
-        return [profile_table(merge_profiles(reports), merged_from=reports if len(reports) > 1 else None)]
+        merged, sources = merge_profiles(reports), reports if len(reports) > 1 else None
+        by_kind = kinds_table(merged, merged_from=sources)
+        return [profile_table(merged, merged_from=sources)] + ([by_kind] if by_kind is not None else [])
     if kind == "finetune":
         return [table for report in reports for table in finetune_tables(report)]
     if kind == "benchmark":

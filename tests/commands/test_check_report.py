@@ -212,19 +212,32 @@ def test_each_kind_renders_table_and_plot(tmp_path, files, kind, size, profile_r
     assert _png_size(png) == size
 
 
-def _parse_markdown_table(text):
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    assert all(len(r) == len(rows[0]) for r in rows)
-    assert all(set(cell) <= set("-:") for cell in rows[1])
-    return rows[0], rows[2:]
+def _parse_markdown_tables(text):
+    """Every table in the Markdown, as (header, rows): runs of lines starting with `|`."""
+    blocks, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif block:
+            blocks.append(block)
+            block = []
+    for rows in blocks:
+        assert all(len(r) == len(rows[0]) for r in rows)
+        assert all(set(cell) <= set("-:") for cell in rows[1])
+    return [(rows[0], rows[2:]) for rows in blocks]
 
 
 def test_markdown_table_parses(files, profile_report):
     result = invoke("report", files("p.json", profile_report), "--format", "markdown")
     assert result.exit_code == 0, result.output
-    header, rows = _parse_markdown_table(result.stdout)
+    (header, rows), (kinds_header, kinds_rows) = _parse_markdown_tables(result.stdout)
     assert header[:3] == ["method", "ρ", "sketch"] and len(rows) == len(profile_report["results"])
+    # the second table: MiB by kind, summing to each case's total
+    assert kinds_header[:3] == ["method", "ρ", "sketch"] and kinds_header[-1] == "total"
+    assert len(kinds_rows) == len(rows)
+    for row in kinds_rows:
+        parts = [float(cell.replace(",", "")) for cell in row[kinds_header.index("seq") + 1:-1]]
+        assert abs(sum(parts) - float(row[-1].replace(",", ""))) <= 0.05 * len(parts)
 
 
 def test_profiles_merge_into_one_comparison(files, profile_report):
@@ -232,8 +245,8 @@ def test_profiles_merge_into_one_comparison(files, profile_report):
     for r in other["results"]:
         r["seq_len"] = 32
     result = invoke("report", files("a.json", profile_report), files("b.json", other), "--format", "markdown")
-    _, rows = _parse_markdown_table(result.stdout)
-    assert len(rows) == 2 * len(profile_report["results"])
+    (_, rows), (kinds_header, kinds_rows) = _parse_markdown_tables(result.stdout)
+    assert len(rows) == len(kinds_rows) == 2 * len(profile_report["results"]) and kinds_header[0] == "report"
 
 
 @pytest.mark.parametrize("make, needle", [

@@ -88,6 +88,12 @@ def test_decoders_profile_as_causal_lms_and_training_them_is_refused_up_front(tm
     exact, randomized = report["results"]
     assert report["model"]["head"] == "causal-lm" and randomized["randomized_layers"] > 0
     assert 0 < randomized["activation_bytes"] < exact["activation_bytes"]
+    # by kind: the loss keeps log-softmax of the logits (fp32), the shifted labels and a scalar
+    kinds, config, tokens = exact["activation_bytes_by_kind"], loaded.model.config, 2 * 8
+    assert kinds["logits"] == tokens * config.vocab_size * 4 + tokens * 8 + 4
+    assert all(kinds[part] > 0 for part in ("attention", "mlp", "norms"))
+    if model == "llama":  # SwiGLU keeps the gate, SiLU(gate) and up: 3 × d_ff per token per layer
+        assert kinds["mlp"] == 3 * config.intermediate_size * config.num_hidden_layers * tokens * 4
     _refused(_cli("finetune", "--model", directory, "--train-file", tmp_path / "none.csv", "--validation-file",
                   tmp_path / "none.csv", "--text-columns", "text", "--device", "cpu"), "is a decoder language model",
              "randbp profile")

@@ -5,7 +5,7 @@ from torch import nn
 
 from conftest import requires_cuda
 from randbp_cli import SavedTensorCounter, convert
-from randbp_cli.measure.memory import fold_layer_indices
+from randbp_cli.measure.memory import KINDS, fold_layer_indices
 from randbp_cli.measure.meters import NvmlSampler, cuda_step_memory, nvml_info, summarize_times
 
 F32 = 4
@@ -35,8 +35,8 @@ def test_toy_model_exact_bytes_by_hand():
     stats = _count(model, x, exclude=[x])
     # GELU keeps its input (fc1's output, 10×16), fc2 keeps its input (GELU's output, 10×16),
     # pow keeps the model output (10×4). fc1's input x is a model input, weights are parameters.
-    assert stats.by_kind == {"linear_inputs": 10 * 16 * F32, "linear_inputs_shared": 0, "sketches": 0,
-                             "weight_copies": 0, "other": 10 * 16 * F32 + 10 * 4 * F32}
+    assert stats.by_kind == {**dict.fromkeys(KINDS, 0), "linear_inputs": 10 * 16 * F32,
+                             "other": 10 * 16 * F32 + 10 * 4 * F32}
     assert stats.total_bytes == 1440 and stats.storages == 3
     assert stats.by_module == {"act": 640, "fc2": 640, "(outside modules)": 160}
 
@@ -163,10 +163,88 @@ def test_autocast_sketch_shaped_like_the_weight_is_not_a_weight_copy():
     assert stats.by_kind["weight_copies"] == 8 * 6 * 2  # and, separately, the bf16 weight
 
 
+class RMSNorm(nn.Module):
+    def forward(self, x):
+        return x * x.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+
+
+class ToyAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return (self.q(x) @ x.T).softmax(-1) @ x  # softmax keeps its output (10×10)
+
+
+class ToyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down(self.act_fn(self.gate(x)) * self.up(x))
+
+
+class ToyEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return (x * self.scale).sin()  # sin keeps its input (10×8); mul keeps x and the parameter
+
+
+class ToyLMHeadModel(nn.Module):
+    """Named like transformers' blocks: an embedding, a decoder layer (norm, attention, norm,
+    SwiGLU MLP), an LM head, and the loss in the top model's own forward, as `...ForCausalLM`
+    computes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = object()  # a transformers model: `config` and a `base_model` below it
+        self.base_model = nn.ModuleDict({"embed": ToyEmbedding(), "norm1": RMSNorm(), "attn": ToyAttention(),
+                                         "norm2": RMSNorm(), "mlp": ToyMLP()})
+        self.lm_head = nn.Linear(8, 12, bias=False)
+
+    def forward(self, x, labels):
+        b = self.base_model
+        h = b["embed"](x)
+        h = h + b["attn"](b["norm1"](h))
+        h = h + b["mlp"](b["norm2"](h))
+        return nn.functional.cross_entropy(self.lm_head(h), labels)
+
+
+def test_other_bytes_by_part_of_the_model():
+    """What no linear layer keeps is filed by the block that saved it: norms, attention, mlp,
+    logits (the loss over them, in the head model's own forward) and other; counted by hand."""
+    torch.manual_seed(0)
+    model, x, labels = ToyLMHeadModel(), torch.randn(10, 8), torch.randint(0, 12, (10,))
+    with SavedTensorCounter(model, exclude=[x, labels]) as counter:
+        loss = model(x, labels)
+    loss.backward()
+    stats = counter.stats()
+    rows = lambda width: 10 * width * F32  # noqa: E731
+    assert stats.by_kind == {
+        **dict.fromkeys(KINDS, 0),
+        "other": rows(8),  # the embedding's sin keeps x * scale
+        "norms": 2 * (rows(8) + rows(1)),  # each RMSNorm: pow and mul keep its input, mul the rsqrt
+        # the score matmul keeps q's output, the softmax its output (10×10); the matmuls also keep
+        # norm1's output, which q keeps too: linear_inputs_shared
+        "attention": rows(8) + rows(10),
+        "linear_inputs_shared": rows(8),
+        "mlp": 3 * rows(16),  # SwiGLU: SiLU keeps the gate, the product keeps SiLU(gate) and up
+        "linear_inputs": rows(8) + rows(16) + rows(8),  # gate/up's input, down's, lm_head's
+        "logits": rows(12) + F32,  # cross-entropy: log-softmax of the logits, nll's total weight
+    }
+    assert stats.total_bytes == sum(stats.by_kind.values())
+
+
 def test_saver_kinds_from_module_attributes_and_tagged_tensors():
     """Activation savers file their bytes under kinds of their own; a declared kind with nothing
     saved shows as 0; the built-in kinds keep their meaning."""
-    from randbp_cli.measure.memory import KINDS, SAVED_KIND_ATTR
+    from randbp_cli.measure.memory import SAVED_KIND_ATTR
 
     class Saver(nn.Module):
         saved_kind = "toy_codes"

@@ -132,7 +132,10 @@ def test_merged_reports_name_their_files_and_what_differs(tmp_path):
     (tmp_path / "compiled.json").write_text(json.dumps(compiled))
     result = invoke(None, "report", tmp_path / "eager.json", tmp_path / "compiled.json", "--format", "markdown")
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    main, by_kind = result.stdout.split("activations by kind, MiB")  # the second table: MiB by kind
+    kinds_header = next(line for line in by_kind.splitlines() if line.startswith("|"))
+    assert kinds_header.split("|")[1].strip() == "report" and "linear inputs" in kinds_header
+    lines = [line for line in main.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header[:2] == ["report", "method"] and {"compile", "dtype", "commit"} <= set(header)
     assert "device" not in header  # the same in both: no column
@@ -140,7 +143,7 @@ def test_merged_reports_name_their_files_and_what_differs(tmp_path):
     exact = [row for row in rows if row["method"] == "exact" and row["savers"] == "—" and row["batch"] == "8"]
     assert {(r["report"], r["compile"], r["dtype"]) for r in exact} == {("eager.json", "eager", "float32"),
                                                                         ("compiled.json", "default", "bfloat16")}
-    footer = result.stdout.split(lines[-1])[1]
+    footer = main.split(lines[-1])[1]
     assert f"eager.json ({len(eager['results'])} rows, commit {eager['environment']['git']['commit'][:7]}" in footer
     assert f"compiled.json ({len(compiled['results'])} rows" in footer and "median of 5 steps" in footer
 
