@@ -74,10 +74,12 @@ LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate. [defau
 MaxLengthOpt = Annotated[int, typer.Option(help="Truncate inputs to this many tokens.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option(help="GLUE TSV files as distributed (DIR/MRPC/train.tsv), or "
                                                          "train/validation .csv/.jsonl/.parquet.")]
-TrainFileOpt = Annotated[Optional[Path], typer.Option(help="Your own training file (.csv/.tsv/.jsonl/.parquet).")]
-ValidationFileOpt = Annotated[Optional[Path], typer.Option(help="Your own evaluation file.")]
+TrainFileOpt = Annotated[Optional[Path], typer.Option(help="Your own training file (.csv/.tsv/.jsonl/.parquet; "
+                                                           "for a decoder, text: .txt, one example per line).")]
+ValidationFileOpt = Annotated[Optional[Path], typer.Option("--validation-file", "--eval-file",
+                                                           help="Your own evaluation file.")]
 TextColumnsOpt = Annotated[Optional[str], typer.Option(help="With --train-file: one or two text columns, "
-                                                            "comma-separated.")]
+                                                            "comma-separated (a decoder's: one, default text).")]
 LabelColumnOpt = Annotated[str, typer.Option(help="With --train-file: the label column.")]
 MaxTrainOpt = Annotated[Optional[int], typer.Option(help="Use only the first N training examples.")]
 MaxEvalOpt = Annotated[Optional[int], typer.Option(help="Use only the first N evaluation examples.")]

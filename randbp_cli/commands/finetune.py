@@ -323,7 +323,7 @@ def _train_every_method(plan: FinetunePlan, loaded: LoadedModel, inputs: TaskInp
     for method in plan.methods:
         if all_reduce_sum(dist, [float(callbacks.should_stop())], plan.device)[0] > 0:
             return runs, "interrupted"
-        fresh = first_model.pop() if first_model else load_task_model(plan, inputs.data.spec.num_labels)
+        fresh = first_model.pop() if first_model else load_task_model(plan, inputs.data.spec)
         run, model = train_run(plan, method, inputs, fresh, callbacks, dist)
         if plan.config.save_model and run.status == "completed" and dist.is_main:
             _save(plan, run, model, inputs.tokenizer)

@@ -2,6 +2,8 @@
 
   * `--train-file/--validation-file` (CSV, TSV, JSONL/JSON or parquet) with `--text-columns`
     and `--label-column`: a user's own classification or regression data (task "custom");
+    for a decoder, the same options read text to model (task "custom-lm"): a .txt file, one
+    example per line, or a table's `text` column (or the one column `--text-columns` names);
   * `--data-dir DIR`: GLUE's own TSV files as distributed (`DIR/MRPC/train.tsv` or
     `DIR/train.tsv`), or CSV/JSONL/parquet files named after the split (`train.csv`,
     `validation.jsonl`, `validation_matched.parquet` ...) with the `datasets` column names;
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, DataUnavailableError
-from .tasks import TaskData, TaskSpec, make_dataset
+from .tasks import CUSTOM_LM, TaskData, TaskSpec, make_dataset
 
 # ---------------------------------------------------------------------------- labels
 
@@ -285,6 +287,9 @@ def custom_spec(train, label_column: str, text_columns: Sequence[str], num_label
 def load_custom(train_file: str | Path, validation_file: str | Path, text_columns: Sequence[str],
                 label_column: str, num_labels: int | None = None) -> TaskData:
     """A user's own train/validation files; classification or regression decided by the labels."""
+    if Path(train_file).suffix.lower() == ".txt":
+        raise ConfigError(f"{str(train_file)!r} is plain text, which trains a decoder language model (llama-tiny, "
+                          "smollm2-135m, gpt2 ...); an encoder trains on a table with --text-columns and --label-column")
     if not text_columns:
         raise ConfigError("--text-columns is required with --train-file (e.g. --text-columns sentence1,sentence2)")
     if len(text_columns) > 2:
@@ -304,3 +309,47 @@ def load_custom(train_file: str | Path, validation_file: str | Path, text_column
     evaluation = read_table(eval_path, text_columns, label_column, spec)
     return TaskData(spec, train, {"validation": evaluation}, f"files:{train_path},{eval_path}",
                     [f"columns {', '.join(text_columns)} -> label {label_column}"])
+
+
+def _read_lines(path: Path) -> list[str]:
+    """A .txt file's examples: one per line, blank lines skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"cannot read {str(path)!r} as UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"cannot read {str(path)!r}: {err.strerror}") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _read_texts(path: Path, column: str, option: str) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{option} {str(path)!r} does not exist")
+    if path.suffix.lower() == ".txt":
+        texts = _read_lines(path)
+    else:
+        if path.suffix.lower() not in _FORMATS:
+            raise DataError(f"cannot read {str(path)!r}: for a language model use a .txt file (one example per "
+                            "line) or a .csv, .tsv, .jsonl, .json or .parquet file with a text column")
+        data = _load_file(path)
+        if column not in data.column_names:
+            raise DataError(f"{str(path)!r} has no text column {column!r} (name another with --text-columns); "
+                            f"its columns are: {', '.join(data.column_names)}")
+        texts = [str(t) for t in data[column] if t is not None and str(t).strip()]
+    if not texts:
+        raise DataError(f"{str(path)!r} holds no text")
+    return texts
+
+
+def load_lm_text(train_file: str | Path, validation_file: str | Path, text_columns: Sequence[str]) -> TaskData:
+    """A user's own text for a decoder to model (task "custom-lm"): every line of a .txt file, or
+    one column of a table (`text` unless `--text-columns` names another). Held out: the
+    validation file's, reported as loss per token and next-token accuracy."""
+    if len(text_columns) > 1:
+        raise ConfigError(f"--text-columns takes one column for a language model (got {len(text_columns)})")
+    column = text_columns[0] if text_columns else "text"
+    train_path, eval_path = Path(train_file).expanduser(), Path(validation_file).expanduser()
+    train = _read_texts(train_path, column, "--train-file")
+    evaluation = _read_texts(eval_path, column, "--validation-file")
+    return TaskData(CUSTOM_LM, make_dataset({"text": train}), {"validation": make_dataset({"text": evaluation})},
+                    f"files:{train_path},{eval_path}", [f"text: {'lines' if train_path.suffix == '.txt' else column}"])

@@ -181,23 +181,35 @@ def _unusable(source: str, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(f"cannot build a sequence-classification model from {source!r}: {text[:300]}")
 
 
-def check_model_type(name: str, wanted: tuple[str, str] | None = None) -> None:
+def check_model_type(name: str, wanted: tuple[str, str] | None = None) -> str | None:
     """Refuse an unsupported local or built-in model from its config alone, before anything is built
     or read, and, given `wanted` (the head a run's data trains, and what that data is called), one
-    with the other head; names that are not local are checked once loaded."""
+    with the other head. Returns the model's head, or None for names that are not local (they are
+    checked once loaded)."""
     from transformers import AutoConfig
 
     path = Path(name).expanduser()
     source = path / "config.json" if path.is_dir() else path if path.suffix == ".json" else builtin_config_path(name)
     if source is None or not Path(source).is_file():
-        return
+        return None
     try:
         config = AutoConfig.from_pretrained(str(source))
     except _LOAD_ERRORS:
-        return  # load_model says what is wrong with it
+        return None  # load_model says what is wrong with it
     head = head_for(config, name)
     if wanted is not None and head != wanted[0]:
         refuse_head(name, head, wanted[1])
+    return head
+
+
+def model_head(name: str, offline: bool = False) -> str:
+    """The head `name` trains with: from its config where one is at hand (local, built in, in the
+    Hugging Face cache), else from the model itself, loaded."""
+    head = check_model_type(name)
+    if head is None:
+        cached = _cached_config(name)
+        head = head_for(cached, name) if cached is not None else load_model(name, offline=offline).head
+    return head
 
 
 def refuse_head(name: str, head: str, data: str) -> None:
@@ -206,7 +218,8 @@ def refuse_head(name: str, head: str, data: str) -> None:
         raise ConfigError(f"{data} is language modelling, for a decoder (gpt2, llama, smollm2-135m, llama-tiny ...); "
                           f"{name!r} is an encoder: train it on a classification task")
     raise ConfigError(f"model {name!r} is a decoder language model and {data} is classification: train a decoder "
-                      "on --task synthetic-lm, or measure it with randbp profile (add --lora RANK for LoRA)")
+                      "on --task synthetic-lm or on your own text (--train-file/--validation-file: a .txt file or "
+                      "a text column), or measure it with randbp profile (add --lora RANK for LoRA)")
 
 
 def check_methods_supported(model: nn.Module, methods) -> None:

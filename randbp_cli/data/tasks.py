@@ -96,6 +96,10 @@ SYNTHETIC_LM = TaskSpec("synthetic-lm", ("input_ids",), 0, metrics=("token_accur
                         description="next-token prediction on a fixed random Markov chain")
 
 
+CUSTOM_LM = TaskSpec("custom-lm", ("text",), 0, metrics=("token_accuracy",), head=CAUSAL_LM,
+                     description="your own text: next-token prediction")
+
+
 def task_names() -> list[str]:
     return [*GLUE_TASKS, "synthetic", "synthetic-lm"]
 

@@ -1,7 +1,8 @@
 """From a training plan to batches: which source to read, the tokenizer, the collator.
 
-`load_model_and_task(plan)` loads the model with the task's head and the task's rows (the
-user's own files first decide the head, GLUE tasks already know it), checks the layer
+`load_model_and_task(plan)` loads the model with the task's head and the task's rows (a task
+knows its head; for the user's own files the model decides what they hold: text for a decoder to
+model, labelled rows for an encoder to classify), checks the layer
 patterns against the model, tokenizes (or truncates the synthetic task's token ids) and
 returns the model beside a `TaskInputs`: everything `finetune` and `variance` feed batches from.
 
@@ -18,20 +19,22 @@ from pathlib import Path
 import torch
 
 from ..core.convert import select_linears
-from ..data.heads import SEQUENCE_CLASSIFICATION
-from ..data.loaders import load_custom, load_glue_dir, load_glue_hub
+from ..data.heads import CAUSAL_LM
+from ..data.loaders import load_custom, load_glue_dir, load_glue_hub, load_lm_text
 from ..data.models import (LoadedModel, builtin_config_path, check_methods_supported, check_model_type, hub_reachable,
-                           load_model, max_sequence_length, refuse_head)
-from ..data.tasks import TaskData, synthetic_lm_task, synthetic_task
+                           load_model, max_sequence_length, model_head, refuse_head)
+from ..data.tasks import CUSTOM_LM, TaskData, TaskSpec, synthetic_lm_task, synthetic_task
 from ..errors import DataError
 from .lora import apply_lora
 from .plans import TrainingPlan
 
 
-def load_task_data(plan: TrainingPlan, vocab_size: int) -> TaskData:
+def load_task_data(plan: TrainingPlan, vocab_size: int, language_modelling: bool = False) -> TaskData:
     """The task's rows from the source the options name, cut to --max-train/eval-samples."""
     config = plan.config
-    if plan.task is None:
+    if plan.task is None and language_modelling:
+        data = load_lm_text(config.train_file, config.validation_file, config.text_columns or [])
+    elif plan.task is None:
         data = load_custom(config.train_file, config.validation_file, config.text_columns or [],
                            config.label_column)
     elif plan.task.name == "synthetic":
@@ -148,21 +151,18 @@ class TaskInputs:
     max_length: int
 
 
-def _wanted_head(plan: TrainingPlan) -> tuple[str, str]:
-    """The head the plan's data trains (heads.py), and what to call that data in a message."""
-    if plan.task is None:
-        return SEQUENCE_CLASSIFICATION, "the --train-file data"
-    return plan.task.head, f"task {plan.task.name}"
+def _data_name(spec: TaskSpec) -> str:
+    """What to call a task's data in a message."""
+    return "the --train-file data" if spec.name in ("custom", CUSTOM_LM.name) else f"task {spec.name}"
 
 
-def load_task_model(plan: TrainingPlan, num_labels: int) -> LoadedModel:
-    """The plan's model with a head for `num_labels`: the same initial weights on every call. A method
-    the plan trains in that the model cannot run fails here, before any training."""
-    loaded = load_model(plan.model_name, num_labels=max(num_labels, 1), dtype=plan.dtype,
+def load_task_model(plan: TrainingPlan, spec: TaskSpec) -> LoadedModel:
+    """The plan's model with the head `spec`'s data trains: the same initial weights on every call. A
+    method the plan trains in that the model cannot run fails here, before any training."""
+    loaded = load_model(plan.model_name, num_labels=max(spec.num_labels, 1), dtype=plan.dtype,
                         offline=plan.config.offline, seed=plan.config.seed)  # a language model has no labels
-    head, data = _wanted_head(plan)
-    if loaded.head != head:  # a Hub or cached model, known once loaded
-        refuse_head(plan.model_name, loaded.head, data)
+    if loaded.head != spec.head:  # a Hub or cached model, known once loaded
+        refuse_head(plan.model_name, loaded.head, _data_name(spec))
     if plan.lora is not None:
         loaded.model = apply_lora(loaded.model, plan.lora)
     check_methods_supported(loaded.model, plan.trained_methods)
@@ -172,12 +172,13 @@ def load_task_model(plan: TrainingPlan, num_labels: int) -> LoadedModel:
 def load_model_and_task(plan: TrainingPlan) -> tuple[LoadedModel, TaskInputs]:
     """Load the model (with the task's head) and the data, tokenize, and build the collator."""
     config = plan.config
-    check_model_type(plan.model_name, _wanted_head(plan))  # a local model that cannot train fails before data is read
-    if plan.task is None:  # the labels decide the head: read the data first
-        data = load_task_data(plan, vocab_size=0)
-        loaded = load_task_model(plan, data.spec.num_labels)
-    else:
-        loaded = load_task_model(plan, plan.task.num_labels)
+    if plan.task is None:  # your own files: text for a decoder to model, or a classifier's labelled rows
+        head = model_head(plan.model_name, config.offline)
+        data = load_task_data(plan, vocab_size=0, language_modelling=head == CAUSAL_LM)
+        loaded = load_task_model(plan, data.spec)
+    else:  # a local model that cannot train on the task fails before its data is read
+        check_model_type(plan.model_name, (plan.task.head, _data_name(plan.task)))
+        loaded = load_task_model(plan, plan.task)
         data = load_task_data(plan, loaded.model.config.vocab_size)
     max_length = min(config.max_length, max_sequence_length(loaded.model))
     if config.include or config.exclude:
@@ -193,5 +194,9 @@ def load_model_and_task(plan: TrainingPlan) -> tuple[LoadedModel, TaskInputs]:
 
         tokenizer, info = load_tokenizer(plan.model_name, loaded, data, config.offline)
         train_set, eval_sets = tokenize(data, tokenizer, max_length)
-        collator = DataCollatorWithPadding(tokenizer)
+        if data.spec.is_language_modelling:  # labels: the ids, -100 at padding (many LM tokenizers have no pad)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+            collator = PadCollator(pad, regression=False, language_modelling=True)
+        else:
+            collator = DataCollatorWithPadding(tokenizer)
     return loaded, TaskInputs(data, train_set, eval_sets, collator, tokenizer, info, max_length)

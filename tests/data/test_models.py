@@ -74,9 +74,9 @@ def test_encoder_decoders_are_refused_up_front(tmp_path):
 
 
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
-def test_decoders_profile_as_causal_lms_and_training_them_is_refused_up_front(tmp_path, model):
+def test_decoders_profile_as_causal_lms_and_classification_is_refused_up_front(tmp_path, model):
     """A decoder keeps its causal-LM head (labels: the input ids) and profiles exact and randomized;
-    finetune and variance, which train classifiers, refuse it in one line before any data is read."""
+    a classification task refuses it in one line before any data is read."""
     from randbp_cli.commands.profile import run_profile
     from randbp_cli.run.plans import ProfileConfig
 
@@ -94,9 +94,8 @@ def test_decoders_profile_as_causal_lms_and_training_them_is_refused_up_front(tm
     assert all(kinds[part] > 0 for part in ("attention", "mlp", "norms"))
     if model == "llama":  # SwiGLU keeps the gate, SiLU(gate) and up: 3 × d_ff per token per layer
         assert kinds["mlp"] == 3 * config.intermediate_size * config.num_hidden_layers * tokens * 4
-    _refused(_cli("finetune", "--model", directory, "--train-file", tmp_path / "none.csv", "--validation-file",
-                  tmp_path / "none.csv", "--text-columns", "text", "--device", "cpu"), "is a decoder language model",
-             "randbp profile")
+    _refused(_cli("finetune", "--model", directory, "--task", "rte", "--data-dir", tmp_path, "--device", "cpu"),
+             "is a decoder language model", "randbp profile")
     _refused(_cli("variance", "--model", directory, "--task", "synthetic", "--device", "cpu"),
              "is a decoder language model")
 
