@@ -161,3 +161,37 @@ def test_profile_with_lora_reports_the_settings_and_what_was_left_exact():
     assert randomized["activation_bytes"] < exact["activation_bytes"]
     assert randomized["activation_bytes_by_kind"]["linear_inputs_shared"] == exact["activation_bytes_by_kind"][
         "linear_inputs_shared"]  # o_proj's input: kept by SDPA, not sketched on top
+
+
+def _lora_grads(model, batch, run):
+    model.zero_grad(set_to_none=True)
+    run(model, batch).float().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _autocast_loss(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(**batch).loss
+
+
+@pytest.mark.parametrize("mode", ["compile", "checkpoint", "autocast"])
+def test_lora_gradients_are_exact_at_rho_one_in_every_mode(mode):
+    """A PEFT model converted as the CLI converts it (every trainable layer, shared sketches, the
+    kept input left exact) at ρ = 1 with balanced gives every adapter the exact LoRA gradient under
+    torch.compile (aot_eager), Hugging Face's activation checkpointing (non-reentrant) and bf16
+    autocast, each against the same mode without randbp."""
+    model = _peft_llama()
+    batch = _batch(model)
+    if mode == "checkpoint":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    run = {"compile": lambda m, b: torch.compile(m, backend="aot_eager")(**b).loss,
+           "checkpoint": lambda m, b: m(**b).loss, "autocast": _autocast_loss}[mode]
+    exact = _lora_grads(model, batch, run)
+    model = convert(model, 1.0, sketch="balanced", probe=lambda m: m(**batch))
+    assert converted_names(model)
+    ours = _lora_grads(model, batch, run)
+    assert ours.keys() == exact.keys() and len(ours) == 2 * 7 * 2  # lora_A and lora_B, 7 projections, 2 layers
+    tolerance = dict(rtol=2e-2, atol=2e-3) if mode == "autocast" else dict(rtol=1e-4, atol=1e-6)
+    for name, grad in exact.items():
+        torch.testing.assert_close(ours[name], grad, **tolerance, msg=lambda m: f"{name}: {m}")
+    torch._dynamo.reset()
