@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -156,6 +157,9 @@ def quiet_libraries() -> None:
     transformers and datasets takes seconds that `report`, `check` and `--help` do not need: they
     read the same settings from the environment when a command imports them (and so do the
     processes a command starts); only those already imported are told directly."""
+    # transformers' deprecations, raised from inside transformers and PEFT (PEFT reads
+    # `is_gradient_checkpointing`): theirs to resolve, nothing a user of ours can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
     os.environ.update(TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
                       HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     if "transformers" in sys.modules:

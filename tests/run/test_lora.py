@@ -3,6 +3,7 @@ alone), their weight gradients stay unbiased and are exact at ρ = 1 with `balan
 that read one tensor share one sketch; the o_proj adapter, whose input SDPA keeps anyway, is left
 exact; `restore` undoes it; bad options are one line, exit 2."""
 
+import json
 import math
 import subprocess
 import sys
@@ -121,6 +122,18 @@ def test_bad_lora_ranks_are_one_line_exit_2(value, needle):
     assert result.exit_code == 2 and "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_profile_with_lora_prints_no_library_warnings():
+    """PEFT reads a property transformers 5.25 deprecates: the FutureWarning is theirs, and our
+    stderr holds only our own lines (a real process: pytest would catch the warning itself)."""
+    result = subprocess.run([sys.executable, "-c", "from randbp_cli.cli.main import main; main()", "profile",
+                             "--model", "llama-tiny", "--lora", "4", "-b", "1", "--seq-len", "8", "--steps", "1",
+                             "--warmup", "0", "--device", "cpu", "--offline", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["config"]["lora"]["r"] == 4
+    assert "Warning" not in result.stderr, result.stderr
 
 
 def test_an_unknown_lora_target_is_one_line_exit_2():
