@@ -6,7 +6,9 @@ SmolLM2-135M's architecture (built in, random weights), fp32, batch 1 × 512 tok
   * LoRA r 16 on all seven projections, exact vs ρ 0.1: activations ≤ 0.79 × LoRA-exact and step
     time ≤ 1.05 × (cases interleaved round by round, one process);
   * full fine-tuning, exact vs ρ 0.1: activations ≤ 0.811 × exact (the limit: what only linear
-    layers keep, at ρ of itself).
+    layers keep, at ρ of itself);
+  * LoRA with PEFT's dropout (0.1) on the adapters' input, exact and ρ 0.1, each plain and with the
+    seed-dropout saver: what dropout costs, and what the saver gets back (no target).
 Layers whose input another op keeps anyway (o_proj's, SDPA keeps it) are left exact by default in
 both. Prints the by-kind table and PASS/FAIL per target; exits 1 if any target fails.
 """
@@ -30,12 +32,13 @@ KINDS = ("linear_inputs", "linear_inputs_shared", "sketches", "attention", "mlp"
 
 def _by_kind(name: str, report: dict) -> None:
     print(f"\n{name}: MiB by kind")
-    print(f"{'method':<12} {'total':>8} " + " ".join(f"{kind:>{max(9, len(kind))}}" for kind in KINDS)
+    print(f"{'method':<20} {'total':>8} " + " ".join(f"{kind:>{max(9, len(kind))}}" for kind in KINDS)
           + f" {'× exact':>8} {'time ×':>7}")
     for r in report["results"]:
         kinds = r["activation_bytes_by_kind"]
         ratio = 1 - r["activation_saving_vs_exact"]
-        print(f"{r['method']:<12} {r['activation_bytes'] / MiB:>8.1f} "
+        label = r["method"] + "".join(f" +{saver}" for saver in r.get("savers") or [])
+        print(f"{label:<20} {r['activation_bytes'] / MiB:>8.1f} "
               + " ".join(f"{kinds.get(kind, 0) / MiB:>{max(9, len(kind))}.1f}" for kind in KINDS)
               + f" {ratio:>8.3f} {r['time_ratio_vs_exact']:>7.2f}")
 
@@ -47,20 +50,26 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lora", type=int, default=16)
     parser.add_argument("--rho", type=float, default=0.1)
+    parser.add_argument("--lora-dropout", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
 
     reports, checks = {}, []
-    for name, lora in (("lora", args.lora), ("full", None)):
+    cases = {"lora": (f"LoRA r {args.lora}", dict(lora=args.lora)),
+             "full": ("full fine-tuning", dict(lora=None)),
+             # PEFT's dropout on the adapters' input: a dropped copy of the input (and its mask) per
+             # adapter, measured plain and with the seed-dropout saver
+             "lora-dropout": (f"LoRA r {args.lora}, dropout {args.lora_dropout}",
+                              dict(lora=args.lora, lora_dropout=args.lora_dropout, savers=["dropout"]))}
+    for name, (title, options) in cases.items():
         config = ProfileConfig(model=args.model, rhos=[args.rho], batch_sizes=[1], seq_len=args.seq_len,
-                               device=args.device, steps=args.steps, warmup=args.warmup, lora=lora)
-        print(f"profiling {args.model} 1 × {args.seq_len}, {'LoRA r ' + str(lora) if lora else 'full fine-tuning'}"
-              " ...", file=sys.stderr, flush=True)
+                               device=args.device, steps=args.steps, warmup=args.warmup, **options)
+        print(f"profiling {args.model} 1 × {args.seq_len}, {title} ...", file=sys.stderr, flush=True)
         reports[name] = run_profile(config, progress=lambda what, done: print(f"  {what}", file=sys.stderr,
                                                                              flush=True))
-        _by_kind(f"LoRA r {lora}" if lora else "full fine-tuning", reports[name])
+        _by_kind(title, reports[name])
 
     lora = reports["lora"]["results"][1]
     ratio, time = 1 - lora["activation_saving_vs_exact"], lora["time_ratio_vs_exact"]
@@ -69,6 +78,11 @@ def main() -> int:
     full = reports["full"]["results"][1]
     ratio = 1 - full["activation_saving_vs_exact"]
     checks.append((f"full fine-tuning rho={args.rho}: activations {ratio:.3f} × exact ≤ 0.811", ratio <= 0.811))
+    plain = reports["lora"]["results"][0]["activation_bytes"]
+    print(f"\nLoRA dropout {args.lora_dropout}, MiB (LoRA without dropout, exact: {plain / MiB:.1f})")
+    for r in reports["lora-dropout"]["results"]:
+        print(f"  {r['method']:<11} {', '.join(r.get('savers') or []) or '—':<8} {r['activation_bytes'] / MiB:>7.1f}"
+              f"  {r['activation_bytes'] / plain:.3f} × LoRA-exact without dropout")
     print()
     for name, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
@@ -78,7 +92,7 @@ def main() -> int:
             "command": " ".join(["python", *sys.argv]),
             "environment": environment(),
             "checks": [{"check": name, "passed": ok} for name, ok in checks],
-            "reports": [reports["lora"], reports["full"]],
+            "reports": [reports["lora"], reports["full"], reports["lora-dropout"]],
         })
     return 0 if all(ok for _, ok in checks) else 1
 
