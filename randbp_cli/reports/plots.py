@@ -72,6 +72,44 @@ def _finish(plt, fig, axes, path, image_format: str, legend_size: int) -> None:
     plt.close(fig)
 
 
+def _variance_lines(ax, series, layers, markers, colors) -> None:
+    for (layer, sketch), rows in series.items():
+        color = colors[layers.index(layer) % len(colors)]
+        ax.plot([r.step for r in rows], [r.ratio for r in rows], marker=markers[sketch], color=color,
+                label=f"{layer} · {sketch}")
+    for layer in layers:
+        rows = next(rows for (lay, _), rows in series.items() if lay == layer)
+        color = colors[layers.index(layer) % len(colors)]
+        ax.plot([r.step for r in rows], [r.bound for r in rows], linestyle="--", color=color, alpha=0.7,
+                label=f"{layer} · bound (α+1)/α")
+
+
+def _variance_bands(ax, series, sketches, markers, colors, n_layers: int) -> None:
+    import statistics
+
+    def band(rows, value):
+        """Steps, and per step the median, lowest and highest `value` over the layers (None: unmeasured)."""
+        by_step: dict[int, list[float]] = {}
+        for r in rows:
+            if value(r) is not None:
+                by_step.setdefault(r.step, []).append(value(r))
+        steps = sorted(by_step)
+        return (steps, [statistics.median(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
+                [max(by_step[s]) for s in steps])
+
+    for index, sketch in enumerate(sketches):
+        rows = [r for (_, name), layer_rows in series.items() if name == sketch for r in layer_rows]
+        steps, median, low, high = band(rows, lambda r: r.ratio)
+        color = colors[index % len(colors)]
+        ax.plot(steps, median, marker=markers[sketch], color=color,
+                label=f"{sketch}: median of {n_layers} layers (band: lowest to highest)")
+        ax.fill_between(steps, low, high, color=color, alpha=0.2)
+    first = [r for (_, name), layer_rows in series.items() if name == sketches[0] for r in layer_rows]
+    steps, median, low, high = band(first, lambda r: r.bound)  # the bound is the layer's, whatever the sketch
+    ax.plot(steps, median, linestyle="--", color="grey", label=f"bound (α+1)/α: median of {n_layers} layers")
+    ax.fill_between(steps, low, high, color="grey", alpha=0.1)
+
+
 def _per_mib(value) -> float:
     return float("nan") if value is None else value / MiB  # a gap in the line
 
@@ -117,8 +155,13 @@ def plot_finetune(report: FinetuneReport, path, image_format: str = "png") -> No
     _finish(plt, fig, (loss_ax, metric_ax), path, image_format, legend_size=8)
 
 
+MAX_LAYER_LINES = 4  # more layers than this are drawn as one band per sketch: 56 lines are no figure
+
+
 def plot_variance(report: VarianceReport, path, image_format: str = "png") -> None:
-    """Ratio over training steps per layer and sketch, with the bound dashed; PNG, headless."""
+    """Ratio over training steps per layer and sketch, with the bound dashed; PNG, headless. Beyond
+    MAX_LAYER_LINES layers, each sketch is one line (the median over the layers at each step) in a
+    band from the lowest to the highest layer, and the bound likewise."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -126,16 +169,12 @@ def plot_variance(report: VarianceReport, path, image_format: str = "png") -> No
     for r in report.records:
         series.setdefault((r.layer, r.sketch), []).append(r)
     layers = list(dict.fromkeys(layer for layer, _ in series))
-    markers = dict(zip(dict.fromkeys(s for _, s in series), itertools.cycle("os^Dvx*")))  # 7 sketches
-    for (layer, sketch), rows in series.items():
-        color = colors[layers.index(layer) % len(colors)]
-        ax.plot([r.step for r in rows], [r.ratio for r in rows], marker=markers[sketch], color=color,
-                label=f"{layer} · {sketch}")
-    for layer in layers:
-        rows = next(rows for (lay, _), rows in series.items() if lay == layer)
-        color = colors[layers.index(layer) % len(colors)]
-        ax.plot([r.step for r in rows], [r.bound for r in rows], linestyle="--", color=color, alpha=0.7,
-                label=f"{layer} · bound (α+1)/α")
+    sketches = list(dict.fromkeys(s for _, s in series))
+    markers = dict(zip(sketches, itertools.cycle("os^Dvx*")))  # 7 sketches
+    if len(layers) > MAX_LAYER_LINES:
+        _variance_bands(ax, series, sketches, markers, colors, len(layers))
+    else:
+        _variance_lines(ax, series, layers, markers, colors)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_yscale("log")  # the bound runs to thousands when α is small; the ratio sits near 1
     config = report.config or {}

@@ -565,6 +565,30 @@ def test_odd_but_valid_reports_render(tmp_path, files, profile_report, variance_
     assert result.exit_code == 0, result.output
 
 
+def test_a_variance_plot_of_many_layers_draws_a_band_per_sketch(tmp_path, variance_report, monkeypatch):
+    """28 LoRA layers × 2 sketches were 56 lines and a legend over the plot: beyond a few layers
+    each sketch is one median line with a band, unmeasured ratios (None) left out."""
+    from randbp_cli.reports import plots
+    from randbp_cli.reports.report import VarianceReport
+
+    variance = copy.deepcopy(variance_report)
+    record = variance["records"][0]
+    variance["records"] = [dict(record, layer=f"layers.{i}.q_proj", sketch=sketch, step=step,
+                                ratio=None if (i, step) == (0, 0) else 0.5 + i / 10, bound=100.0 + i)
+                           for i in range(6) for sketch in ("balanced", "countsketch") for step in (0, 10)]
+    drawn = {}
+    monkeypatch.setattr(plots, "_finish", lambda plt, fig, axes, *args, **kwargs: drawn.update(axes=axes))
+    plots.plot_variance(VarianceReport.from_dict(variance), tmp_path / "v.png")
+    (ax,) = drawn["axes"]
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert labels == ["balanced: median of 6 layers (band: lowest to highest)",
+                      "countsketch: median of 6 layers (band: lowest to highest)",
+                      "bound (α+1)/α: median of 6 layers"]
+    balanced = ax.get_lines()[0]
+    # step 0: the median of layers 1-5 (layer 0's ratio is None), step 10: of all six
+    assert list(balanced.get_ydata()) == pytest.approx([0.8, 0.75])
+
+
 def test_savers_and_compile_mode_tell_cases_apart():
     from randbp_cli.commands.check import case_key, describe_key
     from randbp_cli.reports.report import ProfileReport, ProfileResult
