@@ -39,6 +39,7 @@ from torch import nn
 
 from ..core.convert import restore
 from ..errors import ConfigError, ModelNotFoundError, OutputError
+from ..savers.registry import check_savers
 from .heads import SEQUENCE_CLASSIFICATION, auto_class, head_for
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -223,10 +224,14 @@ def refuse_head(name: str, head: str, data: str) -> None:
 
 
 def check_methods_supported(model: nn.Module, methods) -> None:
-    """Refuse, before any run, a method `model` cannot run (activation checkpointing it lacks)."""
+    """Refuse, before any run, a method `model` cannot run: activation checkpointing it lacks, or a
+    saver with nothing to replace in it (each method's savers planned, nothing swapped)."""
     if any(method.checkpoint for method in methods) and not getattr(model, "supports_gradient_checkpointing", True):
         raise ConfigError(f"--method checkpoint: transformers has no activation checkpointing for "
                           f"{type(model).__name__}; use --method randomized (or exact) with this model")
+    for savers in dict.fromkeys(tuple(getattr(method, "savers", ())) for method in methods):
+        if savers:
+            check_savers(model, savers)
 
 
 def _config(source: str, **kwargs):

@@ -14,6 +14,9 @@ Savers (names as the CLI takes them):
             `GELUActivation`, `nn.GELU(approximate="none")`) becomes a `FewBitGELU` that keeps
             B bits per element instead of its input (randbp_cli/savers/gelu.py). A tanh-approximate
             or otherwise different GELU is refused: its derivative is not the one fitted.
+  swiglu    exact. Every SwiGLU MLP of a verified class (Llama, Mistral, Qwen2/3: swiglu.VERIFIED_MLPS)
+            becomes a `SwiGLUMLP` that keeps gate and up for backward and recomputes SiLU(gate)
+            there: one d_ff-wide tensor per token per layer less (randbp_cli/savers/swiglu.py).
 
 Each saver is a `Saver` in the `SAVERS` registry (how its name parses, what it replaces and with
 what); the swap itself is swap.py's, the one `convert` uses. Like `convert`: everything is checked
@@ -40,6 +43,7 @@ from . import attention
 from .dropout import SeedDropout
 from .gelu import FewBitGELU
 from .gelu_levels import BITS
+from .swiglu import VERIFIED_MLPS, SwiGLUMLP, is_swiglu_mlp
 
 _BITS_TEXT = ", ".join(map(str, BITS))
 KIND = "saver"  # what swap.py records the savers' replacements as
@@ -240,7 +244,28 @@ class GeluSaver(Saver):
         return isinstance(module, FewBitGELU)
 
 
-SAVERS: dict[str, Saver] = {saver.name: saver for saver in (DropoutSaver(), GeluSaver())}
+class SwiGLUSaver(Saver):
+    name, usage = "swiglu", "swiglu"
+
+    def targets(self, model: nn.Module, spec: SaverSpec) -> dict[str, nn.Module]:
+        targets = {name: m for name, m in model.named_modules(remove_duplicate=False) if is_swiglu_mlp(m)}
+        if not targets:
+            unverified = sorted({type(m).__name__ for m in model.modules()
+                                 if hasattr(m, "gate_proj") and hasattr(m, "up_proj") and not isinstance(m, SwiGLUMLP)})
+            found = (f"its gated MLPs ({', '.join(unverified)}) are not of a class randbp has verified"
+                     if unverified else "it has no SwiGLU MLP")
+            raise ConfigError(f"saver 'swiglu' finds nothing to replace: {found}; it replaces "
+                              f"{', '.join(VERIFIED_MLPS)} (with a SiLU activation)")
+        return targets
+
+    def make(self, original: nn.Module, spec: SaverSpec) -> nn.Module:
+        return SwiGLUMLP(original)
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(module, SwiGLUMLP)
+
+
+SAVERS: dict[str, Saver] = {saver.name: saver for saver in (DropoutSaver(), GeluSaver(), SwiGLUSaver())}
 SAVER_HELP = ", ".join(saver.usage for saver in SAVERS.values())
 
 
@@ -264,6 +289,11 @@ def _plan(model: nn.Module, specs: tuple[SaverSpec, ...]) -> _Plan:
             plan.replacements[name] = made[id(original)]
         saver.prepare(model, plan)
     return plan
+
+
+def check_savers(model: nn.Module, savers: str | Sequence[str | SaverSpec]) -> None:
+    """Raise the ConfigError `apply_savers(model, savers)` would, without changing `model`."""
+    _plan(model, parse_savers(savers))
 
 
 def apply_savers(model: nn.Module, savers: str | Sequence[str | SaverSpec] | None) -> nn.Module:
@@ -313,6 +343,7 @@ def describe_savers(model: nn.Module) -> dict:
         "seed_dropouts": [n for n, m in named if isinstance(m, SeedDropout) and original_of(m, KIND) is not None],
         "native_dropouts": [n for n, m in named if type(m) is nn.Dropout],
         "few_bit_gelus": {n: m.bits for n, m in named if isinstance(m, FewBitGELU) and original_of(m, KIND) is not None},
+        "swiglu_mlps": [n for n, m in named if isinstance(m, SwiGLUMLP) and original_of(m, KIND) is not None],
         "attn_implementation": None if hf is None else hf.config._attn_implementation,
         "attn_implementation_before": switched_from,
         # why the dropout saver left the attention alone (None when it switched it or was not asked)
