@@ -352,4 +352,4 @@ def load_lm_text(train_file: str | Path, validation_file: str | Path, text_colum
     train = _read_texts(train_path, column, "--train-file")
     evaluation = _read_texts(eval_path, column, "--validation-file")
     return TaskData(CUSTOM_LM, make_dataset({"text": train}), {"validation": make_dataset({"text": evaluation})},
-                    f"files:{train_path},{eval_path}", [f"text: {'lines' if train_path.suffix == '.txt' else column}"])
+                    f"files:{train_path},{eval_path}", [f"text: {'lines' if train_path.suffix.lower() == '.txt' else column}"])

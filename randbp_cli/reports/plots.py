@@ -91,21 +91,23 @@ def _variance_bands(ax, series, sketches, markers, colors, n_layers: int) -> Non
         """Steps, and per step the median, lowest and highest `value` over the layers (None: unmeasured)."""
         by_step: dict[int, list[float]] = {}
         for r in rows:
-            if value(r) is not None:
-                by_step.setdefault(r.step, []).append(value(r))
+            if (v := value(r)) is not None:
+                by_step.setdefault(r.step, []).append(v)
         steps = sorted(by_step)
         return (steps, [statistics.median(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
                 [max(by_step[s]) for s in steps])
 
+    rows_of: dict[str, list] = {}
+    for (_, sketch), layer_rows in series.items():
+        rows_of.setdefault(sketch, []).extend(layer_rows)
     for index, sketch in enumerate(sketches):
-        rows = [r for (_, name), layer_rows in series.items() if name == sketch for r in layer_rows]
-        steps, median, low, high = band(rows, lambda r: r.ratio)
+        steps, median, low, high = band(rows_of[sketch], lambda r: r.ratio)
         color = colors[index % len(colors)]
         ax.plot(steps, median, marker=markers[sketch], color=color,
                 label=f"{sketch}: median of {n_layers} layers (band: lowest to highest)")
         ax.fill_between(steps, low, high, color=color, alpha=0.2)
-    first = [r for (_, name), layer_rows in series.items() if name == sketches[0] for r in layer_rows]
-    steps, median, low, high = band(first, lambda r: r.bound)  # the bound is the layer's, whatever the sketch
+    # the bound is the layer's, whatever the sketch: one sketch's records hold every layer's
+    steps, median, low, high = band(rows_of[sketches[0]], lambda r: r.bound)
     ax.plot(steps, median, linestyle="--", color="grey", label=f"bound (α+1)/α: median of {n_layers} layers")
     ax.fill_between(steps, low, high, color="grey", alpha=0.1)
 
