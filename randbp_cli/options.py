@@ -42,8 +42,10 @@ class ProfileOptions:
     offline: bool = False
     num_labels: int = 2
     lr: float = 1e-5
-    budget_mib: float | None = None  # find the largest batch whose activations fit this budget
+    budget_mib: float | None = None  # find the largest batch (or sequence) whose activations fit this budget
+    budget_over: str = "batch"  # what the budget search grows: "batch" (at seq_len) or "seq" (at the first batch)
     budget_max_batch: int = 1024
+    budget_max_seq: int = 131072  # the search's upper limit on a sequence, besides the model's own
     savers: list[str] = field(default_factory=list)  # applied with every method but the exact baseline
     compile: bool = False  # torch.compile every case alike
     compile_mode: str | None = None

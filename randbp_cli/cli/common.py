@@ -38,7 +38,8 @@ SaverOpt = Annotated[Optional[list[str]], typer.Option(
     "--saver", metavar="NAME", help="Also save activation memory beyond linear layers: dropout (exact: a seed instead of each "
                     "mask; with eager attention also the attention-probability dropout), gelu:B (approximate: "
                     "B = 1-4 bits per GELU input instead of the input), swiglu (exact: a Llama-family MLP keeps "
-                    "gate and up, not SiLU(gate) too). Repeat the option for several.")]
+                    "gate and up, not SiLU(gate) too), lm-head (exact: a causal LM's loss computed block by block, "
+                    "the logits never held). Repeat the option for several.")]
 LoraOpt = Annotated[Optional[int], typer.Option(
     "--lora", metavar="RANK", help="Fine-tune with PEFT's LoRA adapters of this rank (base weights frozen); "
                                    "randomized methods then sketch the adapters' lora_A inputs. Needs peft.")]

@@ -80,8 +80,12 @@ def profile(
         "--method", metavar="METHOD", help="Besides the exact baseline: randomized, checkpoint (Hugging Face "
                                            "activation checkpointing), checkpoint+randomized. Repeat the option "
                                            f"for several. [default: {_listed(PROFILE.methods)}]")] = None,
-    budget_mib: Annotated[Optional[float], typer.Option(help="Also find, by measuring, the largest batch whose "
+    budget_mib: Annotated[Optional[float], typer.Option(help="Also find, by measuring, the largest batch (or "
+                                                        "with --budget-over seq the longest sequence) whose "
                                                         "activations fit this many MiB, per method.")] = None,
+    budget_over: Annotated[str, typer.Option(help="What --budget-mib grows: batch (at --seq-len) or seq (at the "
+                                                  "first --batch-size, up to the model's longest).")]
+    = PROFILE.budget_over,
     batch_size: Annotated[Optional[list[int]], typer.Option(
         "--batch-size", "-b", metavar="N", help="Batch size. Repeat the option for several (-b 8 -b 32). "
                                                 f"[default: {_listed(PROFILE.batch_sizes)}]")] = None,
@@ -120,7 +124,7 @@ def profile(
     from .console import deliver, judge, phase_progress, stop_on_signals
 
     plan = ProfileConfig(model=model, rhos=rho or list(PROFILE.rhos), sketches=sketch or list(PROFILE.sketches),
-                         methods=method or list(PROFILE.methods), budget_mib=budget_mib,
+                         methods=method or list(PROFILE.methods), budget_mib=budget_mib, budget_over=budget_over,
                          batch_sizes=batch_size or list(PROFILE.batch_sizes),
                          seq_len=seq_len, device=device, dtype=dtype, steps=steps, warmup=warmup, seed=seed,
                          isolate=isolate, include=include, exclude=exclude, attn_implementation=attn_implementation,
@@ -332,7 +336,7 @@ def variance(
                                                             "default: exact training.")] = None,
     train_sketch: Annotated[str, typer.Option(help="Sketch used for training with --train-rho.")] = VARIANCE.sketch,
     saver: Annotated[Optional[list[str]], typer.Option(
-        "--saver", metavar="NAME", help="Train with these activation savers (dropout, gelu:B, swiglu); for gelu:B, "
+        "--saver", metavar="NAME", help="Train with these activation savers (dropout, gelu:B, swiglu, lm-head); for gelu:B, "
                                         "also measure its gradient error on the real GELU inputs. Repeat the option "
                                         "for several.")] = None,
     include: IncludeOpt = None,

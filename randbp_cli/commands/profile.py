@@ -9,7 +9,8 @@ seed, and measures every case (the exact baseline and each method) on the same i
   2. timing: `steps` rounds; each round runs one full training step (forward, backward,
      AdamW step) of every case in turn, so slow drifts of a noisy machine hit all cases
      alike and the time ratios compare like with like;
-  3. with a budget: per method, the largest batch whose activation peak fits, by measuring.
+  3. with a budget: per method, the largest batch (or longest sequence) whose activation peak
+     fits, by measuring.
 With `isolate=True` each case runs in a fresh process instead (same seed, same weights).
 `run_profile(config)` does the same from a `ProfileConfig` and returns the report's JSON dict.
 """
@@ -121,34 +122,72 @@ class _Profiler:
         return {**counted, "randomized_layers": len(self.engine.converted), "cuda": CudaMemory.of(cuda),
                 "nvml": NvmlMemory.of(sampler.result()) if device.type == "cuda" else None}
 
-    def largest_batch_within(self, case: ProfileCase, budget_bytes: float) -> BatchBudget:
-        """The largest batch whose activation peak fits `budget_bytes`, found by measuring.
-
-        Saved bytes grow linearly with the batch at a fixed length, so two measurements
-        (batch 1 and 2) predict the answer; it is then confirmed by measuring there and one
-        above, stepping until the boundary is measured on both sides.
-        """
-        limit = self.plan.config.budget_max_batch
+    def largest_within(self, case: ProfileCase, budget_bytes: float) -> BatchBudget:
+        """The largest batch (at --seq-len), or with `--budget-over seq` the longest sequence (at the
+        first batch size, up to what the model's positions allow), whose activation peak fits
+        `budget_bytes`, found by measuring: two sizes predict it (saved bytes grow about linearly
+        with either), then `largest_fitting` measures its way to the boundary, both sides measured."""
+        config = self.plan.config
+        over_seq = config.budget_over == "seq"
+        batch_size = self.plan.batch_sizes[0]
+        if over_seq:
+            limit = min(config.budget_max_seq, max_sequence_length(self.engine.model))
+            first, second = max(1, min(config.seq_len, limit) // 2), min(config.seq_len, limit)
+        else:
+            limit, first, second = config.budget_max_batch, 1, 2
         measured: dict[int, int] = {}
 
-        def fits(batch: int) -> bool:
-            if batch not in measured:
-                measured[batch] = self.probe(case, self.batch(batch), step=False)["activation_peak_bytes"]
-            return measured[batch] <= budget_bytes
+        def fits(size: int) -> bool:
+            if size not in measured:
+                batch = (make_batch(self.engine.model, batch_size, size, config.seed, self.plan.device,
+                                    config.num_labels) if over_seq else self.batch(size))
+                measured[size] = self.probe(case, batch, step=False)["activation_peak_bytes"]
+            return measured[size] <= budget_bytes
 
-        fits(1), fits(2)
-        per_sample = max(measured[2] - measured[1], 1)
-        guess = max(1, min(limit, int((budget_bytes - (measured[1] - per_sample)) // per_sample)))
-        best = 0
-        if fits(1):
-            best = guess
-            while best > 1 and not fits(best):
-                best -= 1
-            while best < limit and fits(best + 1):
-                best += 1
-        return BatchBudget.of({"budget_bytes": budget_bytes, "max_batch_size": best,
-                "activation_peak_bytes": measured.get(best), "capped": best == limit,
-                "measured": {str(k): v for k, v in sorted(measured.items())}})
+        fits(first), fits(second)
+        per_unit = max(measured[second] - measured[first], 1) / max(second - first, 1)
+        guess = int(second + (budget_bytes - measured[second]) // per_unit)
+        best = largest_fitting(fits, guess, limit)
+        found = {"budget_bytes": budget_bytes, "activation_peak_bytes": measured.get(best), "capped": best == limit,
+                 "measured": {str(k): v for k, v in sorted(measured.items())}}
+        if over_seq:
+            return BatchBudget.of({**found, "over": "seq", "max_seq_len": best, "batch_size": batch_size})
+        return BatchBudget.of({**found, "max_batch_size": best})
+
+
+def largest_fitting(fits: Callable[[int], bool], guess: int, limit: int) -> int:
+    """The largest n in [1, limit] with `fits(n)` (0 if not even 1 fits), for `fits` that stays false
+    once false: from `guess`, steps doubling until the boundary is bracketed, then bisection; every
+    answer below `limit` has `fits(answer + 1)` measured false."""
+    if not fits(1):
+        return 0
+    low, high = 1, None  # low fits; high, once known, does not
+    guess = max(1, min(limit, guess))
+    if fits(guess):
+        low, step = guess, 1
+        while high is None and low < limit:
+            nxt = min(limit, low + step)
+            if fits(nxt):
+                low, step = nxt, 2 * step
+            else:
+                high = nxt
+        if high is None:
+            return low
+    else:
+        high, step = guess, 1
+        while True:
+            nxt = max(1, high - step)
+            if fits(nxt):
+                low = nxt
+                break
+            high, step = nxt, 2 * step
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def _case_result(case: ProfileCase, plan: ProfilePlan, model_name: str, measured: dict) -> ProfileResult:
@@ -208,7 +247,7 @@ def _profile_in_process(model: nn.Module, model_name: str, plan: ProfilePlan, ca
                 progress(f"budget {config.budget_mib:g} MiB: {case.label}", done)
                 with interruptible():
                     engine.apply(case.method)
-                    result.budget = profiler.largest_batch_within(case, plan.budget_bytes)
+                    result.budget = profiler.largest_within(case, plan.budget_bytes)
         except KeyboardInterrupt:
             return results, True
     engine.apply(EXACT)

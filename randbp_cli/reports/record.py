@@ -142,12 +142,19 @@ class NvmlMemory(Record):
 
 @dataclass(kw_only=True)
 class BatchBudget(Record):
-    """`--budget-mib`: the largest batch whose activation peak (saved bytes plus the largest
-    recompute) fits `budget_bytes`, found by measuring; `capped` when the search hit its limit;
-    `measured`: batch size -> activation peak bytes of every batch measured on the way."""
+    """`--budget-mib`: the largest batch (`over` "batch", at the report's sequence length) or the
+    longest sequence (`over` "seq", at `batch_size`) whose activation peak (saved bytes plus the
+    largest recompute) fits `budget_bytes`, found by measuring; `capped` when the search hit its
+    limit; `measured`: batch size (or sequence length) -> activation peak bytes of every one
+    measured on the way. `over` and what only a sequence search has are left out of a batch
+    search's record (as in reports made before the sequence search existed)."""
 
+    OMIT_IF_NONE = frozenset({"over", "max_seq_len", "batch_size"})
     budget_bytes: float | None = None
+    over: str | None = None
     max_batch_size: int | None = None
+    max_seq_len: int | None = None
+    batch_size: int | None = None  # over "seq": the batch the sequences were measured at
     activation_peak_bytes: int | None = None
     capped: bool | None = None
     measured: dict[str, int] | None = None

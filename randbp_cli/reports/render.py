@@ -85,7 +85,9 @@ def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None
     columns += ["act. peak MiB"] * show_peak + ["CUDA peak MiB"] * show_cuda + ["NVML peak MiB"] * show_nvml
     columns += ["step ms", "time × exact"]
     budget_bytes = budget.budget_bytes if budget else None
-    columns += [f"max batch ≤ {'?' if budget_bytes is None else f'{budget_bytes / MiB:g}'} MiB"] if budget else []
+    over_seq = budget is not None and budget.over == "seq"
+    searched = f"max seq (b={_fmt(budget.batch_size)})" if over_seq else "max batch"
+    columns += [f"{searched} ≤ {'?' if budget_bytes is None else f'{budget_bytes / MiB:g}'} MiB"] if budget else []
     add_columns(table, columns, left=("report", "method", "sketch", "compile", *run_fields))
     for index, r in enumerate(results):
         saving = r.activation_saving_vs_exact
@@ -107,7 +109,8 @@ def profile_table(report: ProfileReport, merged_from: list[ProfileReport] | None
         row += ["—" if median is None else f"{1000 * median:,.1f}", "—" if ratio is None else f"{ratio:.2f}×"]
         if budget:
             found = r.budget
-            row.append("" if not found else f"{_fmt(found.max_batch_size)}{'+' if found.capped else ''}")
+            largest = found and (found.max_seq_len if over_seq else found.max_batch_size)
+            row.append("" if not found else f"{_fmt(largest)}{'+' if found.capped else ''}")
         table.add_row(*row, style="bold" if baseline else None)
     return table
 

@@ -122,8 +122,8 @@ def prepare_model(model: nn.Module, method: Method, include: Sequence[str] | Non
     """Put `model` into `method` (whatever method it was in before); returns the model."""
     model = restore(model)
     set_checkpointing(model, method.checkpoint)
+    if method.savers:  # first: a layer a saver takes over (the lm-head saver's head) is no nn.Linear to convert
+        model = apply_savers(model, method.savers)
     if method.randomized:
         model = convert(model, method.rho, sketch=method.sketch, include=include, exclude=exclude)
-    if method.savers:
-        model = apply_savers(model, method.savers)
     return model

@@ -84,6 +84,9 @@ _LORA_OPTIONS = ("lora", "lora_alpha", "lora_dropout", "lora_targets")  # record
 # ---------------------------------------------------------------------------- profile
 
 
+BUDGET_OVER = ("batch", "seq")  # what --budget-mib's search grows
+
+
 @dataclass(frozen=True)
 class ProfileCase:
     method: Method
@@ -104,6 +107,8 @@ class ProfileConfig(ProfileOptions):
             check_method_name(method)
         if self.budget_mib is not None and not self.budget_mib > 0:
             raise ConfigError(f"--budget-mib must be positive (got {self.budget_mib})")
+        if self.budget_over not in BUDGET_OVER:
+            raise ConfigError(f"--budget-over must be one of {', '.join(BUDGET_OVER)} (got {self.budget_over!r})")
         if not self.rhos:
             raise ConfigError("give at least one --rho")
         rhos = list(dict.fromkeys(check_rho(rho) for rho in self.rhos))

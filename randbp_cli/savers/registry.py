@@ -17,6 +17,11 @@ Savers (names as the CLI takes them):
   swiglu    exact. Every SwiGLU MLP of a verified class (Llama, Mistral, Qwen2/3: swiglu.VERIFIED_MLPS)
             becomes a `SwiGLUMLP` that keeps gate and up for backward and recomputes SiLU(gate)
             there: one d_ff-wide tensor per token per layer less (randbp_cli/savers/swiglu.py).
+  lm-head   exact. A causal LM of a verified class (Llama, Mistral, Qwen2/3, GPT-2:
+            lm_head.VERIFIED_HEADS) computes its loss block by block from the hidden states, never
+            holding the N × vocab logits: its `lm_head` becomes a `FusedLMHead` and its forward
+            `fused_loss_forward`, which returns `logits=None` when it computes a loss with gradients
+            on (randbp_cli/savers/lm_head.py). Apply it before `convert`: a randomized head is refused.
 
 Each saver is a `Saver` in the `SAVERS` registry (how its name parses, what it replaces and with
 what); the swap itself is swap.py's, the one `convert` uses. Like `convert`: everything is checked
@@ -39,10 +44,11 @@ from torch import nn
 
 from ..core.swap import original_of, register_undo, replaced, stand_in, swap, unswap
 from ..errors import ConfigError
-from . import attention
+from . import attention, lm_head
 from .dropout import SeedDropout
 from .gelu import FewBitGELU
 from .gelu_levels import BITS
+from .lm_head import VERIFIED_HEADS, FusedLMHead
 from .swiglu import VERIFIED_MLPS, SwiGLUMLP, is_swiglu_mlp
 
 _BITS_TEXT = ", ".join(map(str, BITS))
@@ -265,7 +271,42 @@ class SwiGLUSaver(Saver):
         return isinstance(module, SwiGLUMLP)
 
 
-SAVERS: dict[str, Saver] = {saver.name: saver for saver in (DropoutSaver(), GeluSaver(), SwiGLUSaver())}
+def _causal_lms(model: nn.Module) -> dict[str, nn.Module]:
+    """The causal LMs of a verified class in `model`, by name."""
+    return {name: m for name, m in model.named_modules() if type(m).__name__ in VERIFIED_HEADS}
+
+
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class LMHeadSaver(Saver):
+    name, usage = "lm-head", "lm-head"
+
+    def targets(self, model: nn.Module, spec: SaverSpec) -> dict[str, nn.Module]:
+        found = _causal_lms(model)
+        if not found:
+            raise ConfigError(f"saver 'lm-head' finds nothing to replace: {type(model).__name__} is not, and holds "
+                              f"no, causal LM of a class randbp has verified ({', '.join(VERIFIED_HEADS)})")
+        for name, lm in found.items():
+            refusal = lm_head.loss_refusal(lm)
+            if refusal is not None:
+                raise ConfigError(f"saver 'lm-head' cannot fuse the loss of {name or type(lm).__name__}: {refusal}")
+        return {_joined(name, "lm_head"): lm.lm_head for name, lm in found.items()
+                if not isinstance(lm.lm_head, FusedLMHead)}
+
+    def make(self, original: nn.Module, spec: SaverSpec) -> nn.Module:
+        return FusedLMHead(original)
+
+    def prepare(self, model: nn.Module, plan: _Plan) -> None:
+        plan.loss_models.extend(_causal_lms(model).values())
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(module, FusedLMHead)
+
+
+SAVERS: dict[str, Saver] = {saver.name: saver for saver in (DropoutSaver(), GeluSaver(), SwiGLUSaver(),
+                                                            LMHeadSaver())}
 SAVER_HELP = ", ".join(saver.usage for saver in SAVERS.values())
 
 
@@ -276,6 +317,7 @@ SAVER_HELP = ", ".join(saver.usage for saver in SAVERS.values())
 class _Plan:
     replacements: dict[str, nn.Module] = field(default_factory=dict)  # name -> new module
     attention_model: nn.Module | None = None
+    loss_models: list[nn.Module] = field(default_factory=list)  # causal LMs whose loss the lm-head saver fuses
 
 
 def _plan(model: nn.Module, specs: tuple[SaverSpec, ...]) -> _Plan:
@@ -310,11 +352,16 @@ def apply_savers(model: nn.Module, savers: str | Sequence[str | SaverSpec] | Non
         previous = hf.config._attn_implementation
         hf.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         object.__setattr__(hf, _ATTN_ATTR, previous)
-    return swap(model, plan.replacements)
+    model = swap(model, plan.replacements)
+    for lm in plan.loss_models:
+        lm_head.install(lm)
+    return model
 
 
 def restore_savers(model: nn.Module) -> nn.Module:
     """Undo `apply_savers`: the original module objects and attention implementation back."""
+    for m in model.modules():
+        lm_head.uninstall(m)
     model = unswap(model, KIND)
     for m in model.modules():
         previous = m.__dict__.pop(_ATTN_ATTR, None)
@@ -344,6 +391,7 @@ def describe_savers(model: nn.Module) -> dict:
         "native_dropouts": [n for n, m in named if type(m) is nn.Dropout],
         "few_bit_gelus": {n: m.bits for n, m in named if isinstance(m, FewBitGELU) and original_of(m, KIND) is not None},
         "swiglu_mlps": [n for n, m in named if isinstance(m, SwiGLUMLP) and original_of(m, KIND) is not None],
+        "fused_lm_heads": [n for n, m in named if isinstance(m, FusedLMHead) and original_of(m, KIND) is not None],
         "attn_implementation": None if hf is None else hf.config._attn_implementation,
         "attn_implementation_before": switched_from,
         # why the dropout saver left the attention alone (None when it switched it or was not asked)

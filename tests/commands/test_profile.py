@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from randbp_cli.cli.main import app
 from randbp_cli.commands.profile import ProfileConfig, run_profile
+from randbp_cli.errors import ConfigError
 
 runner = CliRunner()
 TINY = ["--model", "roberta-tiny", "--seq-len", "16", "--steps", "1", "--warmup", "0"]
@@ -327,3 +328,27 @@ def test_offline_says_offline_mode_was_asked_for():
     assert "unreachable" not in note and "--offline" in note
     result = _invoke(["profile", "--model", "nobody/unknown-model", "--offline"])
     assert result.exit_code == 2 and "unreachable" not in result.stderr and "--offline" in result.stderr
+
+
+def test_budget_over_the_sequence():
+    """`--budget-over seq`: the longest sequence at batch 1 whose activations fit, measured on both
+    sides of the boundary; the lm-head and swiglu savers make it longer. And the search itself."""
+    from randbp_cli.commands.profile import largest_fitting
+
+    report = run_profile(ProfileConfig(model="llama-tiny", rhos=[0.5], batch_sizes=[1], seq_len=32, steps=1,
+                                       warmup=0, device="cpu", offline=True, budget_mib=0.5, budget_over="seq",
+                                       savers=["swiglu", "lm-head"]))
+    found = {(r["method"], tuple(r.get("savers") or ())): r["budget"] for r in report["results"]}
+    exact, saved = found[("exact", ())], found[("exact", ("swiglu", "lm-head"))]
+    for budget in found.values():
+        assert budget["over"] == "seq" and budget["batch_size"] == 1 and "max_batch_size" not in budget
+        longest = budget["max_seq_len"]
+        assert budget["measured"][str(longest)] <= budget["budget_bytes"] < budget["measured"][str(longest + 1)]
+    assert saved["max_seq_len"] > 1.5 * exact["max_seq_len"]
+    calls = []
+    for boundary, guess in [(37, 5), (37, 90), (37, 37), (1, 10), (0, 10), (200, 150)]:
+        calls.clear()
+        assert largest_fitting(lambda n: calls.append(n) or n <= boundary, guess, 100) == min(boundary, 100)
+        assert len(calls) <= 16
+    with pytest.raises(ConfigError, match="--budget-over must be one of batch, seq"):
+        ProfileConfig(model="llama-tiny", budget_over="tokens").resolve()

@@ -19,7 +19,8 @@ Edited by hand since: every config gained `skip_kept` (true, the default) when c
 learned to leave exact the layers whose input another op keeps anyway; no number moved (RoBERTa has
 no such layer). Recorded again (issue 23) when the `other` bytes were split by the part of the model
 that saved them (attention, mlp, norms, logits, other): only `activation_bytes_by_kind` moved, and
-each report's totals stayed as they were.
+each report's totals stayed as they were. Recorded again (issue 24) when profile's config gained
+`budget_over` and `budget_max_seq` (the sequence-length budget search): nothing else moved.
 
 Record again, on purpose only: RANDBP_UPDATE_GOLDEN=1 python -m pytest tests/reports/test_golden.py
 """
