@@ -117,7 +117,7 @@ def main() -> int:
                             "loss": m["loss"]})
     if args.output:
         write_json_atomic(Path(args.output), {
-            "benchmark": "lm_head", "command": "python " + " ".join(sys.argv),
+            "schema": "randbp.benchmark/1", "command": "python " + " ".join(sys.argv),
             "shape": {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
                       "default_rows": block_rows(args.tokens, args.vocab)},
             "results": results, "environment": environment(torch.device("cpu"))})

@@ -6,7 +6,8 @@
 #      (fp32 32×128, bf16 128×128, fp32 8×512) and the GPU-bound ones (fp32 32×512, bf16 128×512);
 #   4. the same host-bound sizes under --compile (CUDA graphs, the same mode for exact and randomized);
 #   5. the savers and checkpointing beside them (SDPA attention: fp32 32×128, bf16 128×128);
-#   6. the synthetic fine-tune under torchrun, one process per visible GPU.
+#   6. the decoder savers (swiglu, lm-head) with LoRA in bf16, beside randomized and checkpointing;
+#   7. the synthetic fine-tune under torchrun, one process per visible GPU.
 # Runs from a plain checkout, no install and no network: the machine must already have torch (with
 # triton), transformers, typer, rich and nvidia-ml-py; the fine-tune also needs `datasets`.
 # Each step runs even when an earlier one failed (a GPU lease is short); the exit status says which failed.
@@ -38,11 +39,13 @@ fi
 
 if [ "$quick" = 1 ]; then  # the dry run: tiny model, one step, the same commands
   model=roberta-tiny; steps=(--steps 1 --warmup 0); sizes128=(-b 2); big=2; seq=16; seqlong=32
+  decoder=llama-tiny; decoder_seq=32
   tokens=(256 --repeats 1 --iterations 1 --host-iterations 2)
   finetune_extra=(--max-steps 4 --max-train-samples 64 --max-eval-samples 32)
 else
   finetune_extra=()
   model=roberta-base; steps=(--steps 20 --warmup 3); sizes128=(-b 32); big=128; seq=128; seqlong=512
+  decoder=smollm2-135m; decoder_seq=2048
   tokens=(1024 4096 16384)
 fi
 profile() { python3 -m randbp_cli profile --model "$model" --device "$device" "${steps[@]}" "$@"; }
@@ -73,6 +76,10 @@ step methods-fp32 profile --rho 0.1 --method randomized --method checkpoint --sa
   "${sizes128[@]}" --seq-len "$seq" -o "$out/methods-roberta-base-$device.json"
 step methods-bf16 profile --rho 0.1 --method randomized --method checkpoint --saver dropout --saver gelu:2 \
   -b "$big" --seq-len "$seq" --dtype bfloat16 -o "$out/methods-roberta-base-$device-bf16.json"
+# decoder savers (issue 24): LoRA r 16, bf16, every method plain and with swiglu + lm-head
+step decoder-savers-bf16 python3 -m randbp_cli profile --model "$decoder" --device "$device" "${steps[@]}" \
+  --lora 16 --rho 0.1 --method randomized --method checkpoint --saver swiglu --saver lm-head -b 1 \
+  --seq-len "$decoder_seq" --dtype bfloat16 -o "$out/decoder-savers-$decoder-$device-bf16.json"
 if python3 -c "import datasets" 2>/dev/null; then
   ngpu=$([ "$device" = cuda ] && python3 -c "import torch; print(torch.cuda.device_count())" || echo 1)
   step finetune-ddp python3 -m torch.distributed.run --nproc-per-node "$ngpu" --standalone -m randbp_cli finetune \

@@ -60,7 +60,7 @@ RAW = {"plain": (1,), "%": (100, 1), "points": (100, 1), "MiB": (1 / MIB, 1), "G
 # Keys the README compares between a case and exact's, and how: "-" a difference, "/" a ratio (and
 # 1 − ratio, a saving).
 COMPARED = {"activation_bytes": "-/", "activation_peak_bytes": "-/", "peak_allocated_bytes": "-/",
-            "max_batch_size": "/", "value": "-", "best": "-"}
+            "max_batch_size": "/", "max_seq_len": "/", "value": "-", "best": "-"}
 # Keys holding raw samples (timings, NVML readings): the README quotes their summaries, not them.
 SKIPPED = {"samples"}
 

@@ -37,7 +37,8 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help
 SaverOpt = Annotated[Optional[list[str]], typer.Option(
     "--saver", metavar="NAME", help="Also save activation memory beyond linear layers: dropout (exact: a seed instead of each "
                     "mask; with eager attention also the attention-probability dropout), gelu:B (approximate: "
-                    "B = 1-4 bits per GELU input instead of the input), swiglu (exact: a Llama-family MLP keeps "
+                    "B = 1-4 bits per GELU input instead of the input), gelu-new (exact: GPT-2's tanh GELU as one op, "
+                    "its input kept, not four tensors), swiglu (exact: a Llama-family MLP keeps "
                     "gate and up, not SiLU(gate) too), lm-head (exact: a causal LM's loss computed block by block, "
                     "the logits never held). Repeat the option for several.")]
 LoraOpt = Annotated[Optional[int], typer.Option(

@@ -336,7 +336,7 @@ def variance(
                                                             "default: exact training.")] = None,
     train_sketch: Annotated[str, typer.Option(help="Sketch used for training with --train-rho.")] = VARIANCE.sketch,
     saver: Annotated[Optional[list[str]], typer.Option(
-        "--saver", metavar="NAME", help="Train with these activation savers (dropout, gelu:B, swiglu, lm-head); for gelu:B, "
+        "--saver", metavar="NAME", help="Train with these activation savers (dropout, gelu:B, gelu-new, swiglu, lm-head); for gelu:B, "
                                         "also measure its gradient error on the real GELU inputs. Repeat the option "
                                         "for several.")] = None,
     include: IncludeOpt = None,

@@ -101,7 +101,8 @@ def _gelu_errors(model: nn.Module, names: list[str], captured: dict, batch: dict
         x2, g2 = x.reshape(-1, x.shape[-1]), None if grad is None else grad.reshape(-1, grad.shape[-1])
         if real is not None:
             x2, g2 = x2[real], None if g2 is None else g2[real]
-        errors.append({"step": step, "layer": name, **gelu_gradient_error(x2, model.get_submodule(name).bits, g2)})
+        module = model.get_submodule(name)
+        errors.append({"step": step, "layer": name, **gelu_gradient_error(x2, module.bits, g2, module.approximate)})
     return errors
 
 

@@ -13,15 +13,20 @@ bytes, the packed interval indices. Nothing else: not x, not the output.
 What is recomputed in backward: q(x) per element, read straight from the packed bytes through a
 small table (one row of levels per byte, or per 12 bits for b = 3), times the incoming gradient.
 
-What is exact: the forward output (`F.gelu`, the erf form, as `GELUActivation` and
-`nn.GELU()` compute it). What is approximate: ∂L/∂x = g ⊙ q(x) instead of g ⊙ GELU'(x).
+What is exact: the forward output (`F.gelu`: the erf form, as `GELUActivation` and `nn.GELU()`
+compute it, or with `approximate="tanh"` the tanh form GPT-2's `gelu_new` writes out). What is
+approximate: ∂L/∂x = g ⊙ q(x) instead of g ⊙ GELU'(x).
 
-The levels q are gelu_levels.py's: 2^b intervals and one value each, fitted to GELU' under N(0, 1).
+The levels q are gelu_levels.py's: 2^b intervals and one value each, fitted to the erf GELU' under
+N(0, 1). The tanh form uses the same levels: its derivative differs from the erf form's by at most
+8.7e-4 (at x ≈ −2.02; 2.9e-4 rms under N(0, 1)), far below what b bits miss of either (the 2-bit
+fit's relative rms error is gelu_levels(2).relative_rms_error, about 0.15); `gelu_gradient_error`
+measures q against the derivative of the form the module computes.
 
 Caveats:
   * Boundaries are compared in the input's dtype (in bf16 they move by up to 2^-8 relative).
-  * Only the erf GELU: the tanh approximation has a different derivative; `randbp_cli.savers.registry`
-    refuses to replace it.
+  * Only the erf and tanh forms: `randbp_cli.savers.registry` refuses other GELU variants (sigmoid,
+    clipped) rather than quantize a derivative the levels were not meant for.
   * Nothing is quantized or saved under `torch.no_grad()` or for inputs that need no gradient.
   * No second-order gradients: q′ = 0 where GELU″ is not, so differentiating the backward again
     raises `SecondOrderError` rather than silently dropping that term.
@@ -41,6 +46,15 @@ from ..core.second_order import graph_anchor, refuse_differentiation
 from ..errors import ConfigError
 from ..measure.memory import SAVED_KIND_ATTR
 from .gelu_levels import check_bits, gelu_derivative, gelu_levels
+
+APPROXIMATIONS = ("none", "tanh")  # F.gelu's: the erf form, the tanh form
+
+
+def tanh_gelu_derivative(x: Tensor) -> Tensor:
+    """The derivative of 0.5·x·(1 + tanh(u)), u = √(2/π)(x + 0.044715x³), in x's dtype."""
+    c = math.sqrt(2.0 / math.pi)
+    t = torch.tanh(c * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
 
 SAVED_KIND = "gelu_codes"
 
@@ -182,50 +196,60 @@ class FewBitGeluFunction(torch.autograd.Function):
     backward is refused (`second_order.refuse_differentiation`): q′ = 0 is not GELU″."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, bits: int, anchor: Tensor | None):
+    def forward(ctx, x: Tensor, bits: int, anchor: Tensor | None, approximate: str = "none"):
         packed = traced_or_direct(_codes_op, _codes, x, bits)  # (⌈b·N/8⌉,) uint8
         if not torch.compiler.is_compiling():
             setattr(packed, SAVED_KIND_ATTR, SAVED_KIND)
         ctx.bits, ctx.anchor = bits, anchor
         ctx.save_for_backward(packed)
-        return F.gelu(x)
+        return F.gelu(x, approximate=approximate)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (packed,) = ctx.saved_tensors
         grad = traced_or_direct(_codes_backward_op, _codes_backward, grad_out, packed, ctx.bits)
-        return refuse_differentiation(grad, _NO_SECOND_ORDER.format(bits=ctx.bits), ctx.anchor), None, None
+        return refuse_differentiation(grad, _NO_SECOND_ORDER.format(bits=ctx.bits), ctx.anchor), None, None, None
 
 
-def few_bit_gelu(x: Tensor, bits: int = 2) -> Tensor:
-    """`F.gelu(x)` (erf form) whose backward uses the b-bit derivative; see the module doc."""
+def _check_approximate(approximate: str) -> str:
+    if approximate not in APPROXIMATIONS:
+        raise ConfigError(f"approximate must be one of {', '.join(APPROXIMATIONS)} (got {approximate!r})")
+    return approximate
+
+
+def few_bit_gelu(x: Tensor, bits: int = 2, approximate: str = "none") -> Tensor:
+    """`F.gelu(x, approximate=...)` whose backward uses the b-bit derivative; see the module doc."""
     check_bits(bits)
+    _check_approximate(approximate)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return F.gelu(x)  # nothing will be differentiated: nothing to keep
-    return FewBitGeluFunction.apply(x, bits, graph_anchor(x))
+        return F.gelu(x, approximate=approximate)  # nothing will be differentiated: nothing to keep
+    return FewBitGeluFunction.apply(x, bits, graph_anchor(x), approximate)
 
 
 class FewBitGELU(nn.Module):
-    """Drop-in erf GELU that keeps b bits per element for backward instead of its input."""
+    """Drop-in GELU (erf form, or the tanh form with approximate="tanh") that keeps b bits per
+    element for backward instead of its input."""
 
     saved_kind = SAVED_KIND  # how memory.SavedTensorCounter files what this module saves
 
-    def __init__(self, bits: int = 2) -> None:
+    def __init__(self, bits: int = 2, approximate: str = "none") -> None:
         super().__init__()
         self.bits = check_bits(bits)
+        self.approximate = _check_approximate(approximate)
 
     def forward(self, x: Tensor) -> Tensor:
-        return few_bit_gelu(x, self.bits)
+        return few_bit_gelu(x, self.bits, self.approximate)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}" + (f", approximate={self.approximate!r}" if self.approximate != "none" else "")
 
 
 # ---------------------------------------------------------------------------- error report
 
 
-def gelu_gradient_error(x: Tensor, bits: int, grad: Tensor | None = None) -> dict:
-    """How far the b-bit derivative is from GELU' on captured GELU inputs `x`.
+def gelu_gradient_error(x: Tensor, bits: int, grad: Tensor | None = None, approximate: str = "none") -> dict:
+    """How far the b-bit derivative is from GELU' (of the erf form, or the tanh form with
+    approximate="tanh") on captured GELU inputs `x`.
 
     relative_error: ‖q(x) − GELU'(x)‖ / ‖GELU'(x)‖ over all elements.
     weighted_relative_error (given the upstream gradient g, shaped like x):
@@ -236,7 +260,7 @@ def gelu_gradient_error(x: Tensor, bits: int, grad: Tensor | None = None) -> dic
     levels = gelu_levels(check_bits(bits))
     codes = quantize(x.detach(), bits)
     x64 = x.detach().reshape(-1).double()
-    exact = gelu_derivative(x64)
+    exact = tanh_gelu_derivative(x64) if _check_approximate(approximate) == "tanh" else gelu_derivative(x64)
     approx = torch.tensor(levels.values, dtype=torch.float64, device=x.device)[codes.long()]
     result = {
         "bits": bits,

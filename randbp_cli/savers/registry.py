@@ -10,13 +10,18 @@ Savers (names as the CLI takes them):
             eager attention of a verified type (attention.VERIFIED_MODEL_TYPES), the attention
             implementation becomes `randbp_eager`, which keeps the softmax output once and a
             seed instead of the mask and the dropped copy (randbp_cli/savers/attention.py).
-  gelu:B    approximate, B = 1, 2, 3 or 4 bits. Every erf GELU module (transformers'
-            `GELUActivation`, `nn.GELU(approximate="none")`) becomes a `FewBitGELU` that keeps
-            B bits per element instead of its input (randbp_cli/savers/gelu.py). A tanh-approximate
-            or otherwise different GELU is refused: its derivative is not the one fitted.
+  gelu:B    approximate, B = 1, 2, 3 or 4 bits. Every GELU module of the erf form (transformers'
+            `GELUActivation`, `nn.GELU()`) or the tanh form (`nn.GELU(approximate="tanh")`,
+            `GELUTanh`, GPT-2's `gelu_new`) becomes a `FewBitGELU` computing the same form that keeps
+            B bits per element instead of its input (randbp_cli/savers/gelu.py). Another GELU variant
+            (sigmoid, clipped) is refused: its derivative is not the one fitted. Give gelu:B or
+            gelu-new, not both: each replaces the tanh GELU.
   swiglu    exact. Every SwiGLU MLP of a verified class (Llama, Mistral, Qwen2/3: swiglu.VERIFIED_MLPS)
             becomes a `SwiGLUMLP` that keeps gate and up for backward and recomputes SiLU(gate)
             there: one d_ff-wide tensor per token per layer less (randbp_cli/savers/swiglu.py).
+  gelu-new  exact. Every GELU transformers writes out as the tanh approximation (GPT-2's `gelu_new`:
+            gelu_new.VERIFIED_GELUS) becomes a `TanhGELU`, torch's fused op, which keeps its input
+            instead of four d_ff-wide tensors (randbp_cli/savers/gelu_new.py).
   lm-head   exact. A causal LM of a verified class (Llama, Mistral, Qwen2/3, GPT-2:
             lm_head.VERIFIED_HEADS) computes its loss block by block from the hidden states, never
             holding the N × vocab logits: its `lm_head` becomes a `FusedLMHead` and its forward
@@ -48,6 +53,7 @@ from . import attention, lm_head
 from .dropout import SeedDropout
 from .gelu import FewBitGELU
 from .gelu_levels import BITS
+from .gelu_new import VERIFIED_GELUS, TanhGELU, is_written_out_tanh_gelu
 from .lm_head import VERIFIED_HEADS, FusedLMHead
 from .swiglu import VERIFIED_MLPS, SwiGLUMLP, is_swiglu_mlp
 
@@ -103,6 +109,20 @@ def _dropout_modules(model: nn.Module) -> dict[str, nn.Module]:
             if type(m) is nn.Dropout and not m.inplace}
 
 
+def _tanh_form(module: nn.Module) -> bool:
+    """A GELU computing the tanh form: nn.GELU(approximate="tanh"), transformers' GELUTanh (either
+    act), or the tanh form written out (gelu_new.is_written_out_tanh_gelu)."""
+    if type(module) is nn.GELU:
+        return module.approximate == "tanh"
+    from transformers.activations import GELUTanh
+
+    if type(module) is GELUTanh and "forward" not in vars(module):
+        act = getattr(module, "act", None)
+        return (getattr(act, "__func__", None) is GELUTanh._gelu_tanh_python
+                or (getattr(act, "func", None) is nn.functional.gelu and act.keywords == {"approximate": "tanh"}))
+    return is_written_out_tanh_gelu(module)
+
+
 def _is_erf_gelu(module: nn.Module) -> bool:
     if type(module) is nn.GELU:
         return module.approximate == "none"
@@ -119,18 +139,19 @@ def _looks_like_gelu(module: nn.Module) -> bool:
 
 
 def _gelu_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The erf GELU modules; raises if the model also has a GELU variant we cannot replace."""
+    """The GELU modules of the erf or the tanh form; raises if the model also has a GELU variant we
+    cannot replace."""
     found, refused = {}, []
     for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, FewBitGELU):
             continue
-        if _is_erf_gelu(m):
+        if _is_erf_gelu(m) or _tanh_form(m) or isinstance(m, TanhGELU):
             found[name] = m
         elif _looks_like_gelu(m):
             kind = f"approximate={m.approximate!r}" if isinstance(m, nn.GELU) else type(m).__name__
             refused.append(f"{name} ({kind})")
     if refused:
-        raise ConfigError(f"saver 'gelu' fits the derivative of the erf GELU only; this model also has "
+        raise ConfigError(f"saver 'gelu' quantizes the derivative of the erf or tanh GELU only; this model also has "
                           f"{', '.join(refused[:3])}{', ...' if len(refused) > 3 else ''}: leave out gelu:B")
     return found
 
@@ -241,7 +262,8 @@ class GeluSaver(Saver):
         return targets
 
     def make(self, original: nn.Module, spec: SaverSpec) -> nn.Module:
-        return FewBitGELU(spec.bits)
+        tanh = isinstance(original, TanhGELU) or _tanh_form(original)
+        return FewBitGELU(spec.bits, approximate="tanh" if tanh else "none")
 
     def applied(self, model: nn.Module, replacements: list[nn.Module]) -> list[str]:
         return [f"gelu:{bits}" for bits in sorted({m.bits for m in replacements if self.owns(m)})]
@@ -269,6 +291,23 @@ class SwiGLUSaver(Saver):
 
     def owns(self, module: nn.Module) -> bool:
         return isinstance(module, SwiGLUMLP)
+
+
+class GeluNewSaver(Saver):
+    name, usage = "gelu-new", "gelu-new"
+
+    def targets(self, model: nn.Module, spec: SaverSpec) -> dict[str, nn.Module]:
+        targets = {name: m for name, m in model.named_modules(remove_duplicate=False) if is_written_out_tanh_gelu(m)}
+        if not targets:
+            raise ConfigError(f"saver 'gelu-new' finds nothing to replace: the model has no GELU written out as "
+                              f"the tanh approximation ({', '.join(VERIFIED_GELUS)}: GPT-2's gelu_new)")
+        return targets
+
+    def make(self, original: nn.Module, spec: SaverSpec) -> nn.Module:
+        return TanhGELU()
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(module, TanhGELU)
 
 
 def _causal_lms(model: nn.Module) -> dict[str, nn.Module]:
@@ -305,8 +344,8 @@ class LMHeadSaver(Saver):
         return isinstance(module, FusedLMHead)
 
 
-SAVERS: dict[str, Saver] = {saver.name: saver for saver in (DropoutSaver(), GeluSaver(), SwiGLUSaver(),
-                                                            LMHeadSaver())}
+SAVERS: dict[str, Saver] = {saver.name: saver for saver in (DropoutSaver(), GeluSaver(), GeluNewSaver(),
+                                                            SwiGLUSaver(), LMHeadSaver())}
 SAVER_HELP = ", ".join(saver.usage for saver in SAVERS.values())
 
 
@@ -322,10 +361,13 @@ class _Plan:
 
 def _plan(model: nn.Module, specs: tuple[SaverSpec, ...]) -> _Plan:
     """Check everything and build the new modules; touches nothing in `model`."""
-    plan, made = _Plan(), {}
+    plan, made, claimed = _Plan(), {}, {}
     for spec in specs:
         saver = SAVERS[spec.name]
         for name, original in saver.targets(model, spec).items():
+            if name in claimed:
+                raise ConfigError(f"savers '{claimed[name]}' and '{spec}' would both replace {name}: give one of them")
+            claimed[name] = spec
             if id(original) not in made:  # one module under two names -> one replacement
                 made[id(original)] = stand_in(original, saver.make(original, spec), KIND)
             plan.replacements[name] = made[id(original)]
@@ -390,6 +432,7 @@ def describe_savers(model: nn.Module) -> dict:
         "seed_dropouts": [n for n, m in named if isinstance(m, SeedDropout) and original_of(m, KIND) is not None],
         "native_dropouts": [n for n, m in named if type(m) is nn.Dropout],
         "few_bit_gelus": {n: m.bits for n, m in named if isinstance(m, FewBitGELU) and original_of(m, KIND) is not None},
+        "tanh_gelus": [n for n, m in named if isinstance(m, TanhGELU) and original_of(m, KIND) is not None],
         "swiglu_mlps": [n for n, m in named if isinstance(m, SwiGLUMLP) and original_of(m, KIND) is not None],
         "fused_lm_heads": [n for n, m in named if isinstance(m, FusedLMHead) and original_of(m, KIND) is not None],
         "attn_implementation": None if hf is None else hf.config._attn_implementation,
