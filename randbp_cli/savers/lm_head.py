@@ -40,15 +40,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100  # transformers' (and F.cross_entropy's) default
-# rows per block: a block of float32 logits of about this many bytes; large enough that each product
-# reads the V × H weight once per block rather than once per few rows (see benchmarks/lm_head.py)
-BLOCK_BYTES = 64 * 2**20
+# rows per block: a block of float32 logits of about this many bytes. Each block's products read the
+# whole V × H weight, so a block must be tall enough that the reads do not outweigh the arithmetic:
+# on the CPU 64 MiB (341 rows at SmolLM2's vocabulary) ran at the unfused head's speed
+# (benchmarks/lm_head.py); a GPU needs several hundred rows per read of a bf16 weight to stay
+# compute-bound (an H100 does ~300 bf16 flops per byte read), hence 256 MiB there (523 rows at
+# Llama-3's vocabulary): arithmetic, not yet measured on a GPU (scripts/gpu_check.sh will)
+BLOCK_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
 SECOND_ORDER = ("the lm-head saver's fused loss has no second-order gradients (create_graph=True): "
                 "leave out --saver lm-head (restore_savers) for a double backward")
 
 
-def block_rows(n_rows: int, vocab: int, block_bytes: int = BLOCK_BYTES) -> int:
-    """Rows per block: as many as fit `block_bytes` of float32 logits, at least 1, at most all."""
+def block_rows(n_rows: int, vocab: int, device: str = "cpu", block_bytes: int | None = None) -> int:
+    """Rows per block: as many as fit `block_bytes` (by default the device's `BLOCK_BYTES`) of float32
+    logits, at least 1, at most all."""
+    block_bytes = block_bytes or BLOCK_BYTES.get(device, BLOCK_BYTES["cpu"])
     return max(1, min(n_rows, block_bytes // (4 * max(vocab, 1))))
 
 
@@ -61,10 +67,15 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 
 def _block_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """float32 logits of one block, the product computed in `dtype` (autocast off: done explicitly)."""
+    """float32 logits of one block, the product computed in `dtype` (weight and bias already in it;
+    autocast off: the casts are done explicitly, once per call rather than once per block)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        z = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        z = F.linear(hidden.to(dtype), weight, bias)
     return z.float()
+
+
+def _in_dtype(weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _block_gradient(z: Tensor, lse: Tensor, targets: Tensor, scale: Tensor, ignore_index: int) -> Tensor:
@@ -89,17 +100,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                        else None)
         lse = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w, b = _in_dtype(weight, bias, dtype)
         for start in range(0, len(hidden), rows):
             block = slice(start, start + rows)
             t = targets[block]
-            z = _block_logits(hidden[block], weight, bias, dtype)
+            z = _block_logits(hidden[block], w, b, dtype)
             lse[block] = torch.logsumexp(z, dim=1)
             picked = z.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
             total += torch.where(t != ignore_index, lse[block] - picked, 0.0).sum()
             if grad_hidden is not None:
                 p = _block_gradient(z, lse[block], t, scale, ignore_index)
                 with torch.autocast(hidden.device.type, enabled=False):
-                    grad_hidden[block] = p.to(dtype) @ weight.to(dtype)
+                    grad_hidden[block] = p.to(dtype) @ w
         ctx.ignore_index, ctx.rows, ctx.dtype, ctx.train_head = ignore_index, rows, dtype, train_head
         ctx.has_bias, ctx.hidden_dtype = bias is not None, hidden.dtype
         if train_head:
@@ -124,12 +136,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_bias else None
-        w = weight.to(dtype)
+        w, b = _in_dtype(weight, bias, dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, len(hidden), rows):
                 block = slice(start, start + rows)
                 h = hidden[block].to(dtype)
-                z = _block_logits(h, weight, bias, dtype)
+                z = _block_logits(h, w, b, dtype)
                 p = _block_gradient(z, lse[block], targets[block], scale * grad_loss, ctx.ignore_index)
                 if grad_bias is not None:
                     grad_bias += p.sum(0)
@@ -159,7 +171,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         denominator = (targets != ignore_index).sum()
     else:
         denominator = torch.as_tensor(num_items_in_batch, device=hidden.device)
-    rows = rows or block_rows(len(hidden), weight.shape[0])
+    rows = rows or block_rows(len(hidden), weight.shape[0], hidden.device.type)
     return LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, denominator, ignore_index, rows)
 
 

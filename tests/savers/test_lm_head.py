@@ -120,7 +120,8 @@ def test_second_order_through_it_raises():
 
 
 def test_block_rows():
-    assert block_rows(512, 49152) == 341  # 64 MiB of float32 logits per block
+    assert block_rows(512, 49152) == 341  # 64 MiB of float32 logits per block on the CPU
+    assert block_rows(4096, 128256, "cuda") == 523  # 256 MiB on a GPU
     assert block_rows(10, 49152) == 10 and block_rows(512, 10**9) == 1
 
 
