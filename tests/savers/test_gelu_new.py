@@ -6,10 +6,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from decoder_models import grads, padded_batch, tiny_decoder
 from randbp_cli.cli.main import app
-from randbp_cli.data.models import load_model
 from randbp_cli.measure.memory import count_saved_bytes
-from randbp_cli.run.lora import apply_lora, lora_spec
 from randbp_cli.savers.gelu_new import TanhGELU
 from randbp_cli.savers.registry import apply_savers, describe_savers, restore_savers, saver_names
 
@@ -17,29 +16,7 @@ F32 = 4
 
 
 def _gpt2(lora: int | None = None):
-    torch.manual_seed(0)
-    model = load_model("gpt2-tiny", offline=True).model
-    if lora:
-        model = apply_lora(model, lora_spec(lora))
-        for name, param in model.named_parameters():  # PEFT starts lora_B at zero: give lora_A a gradient
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.1)
-    return model.train()
-
-
-def _padded_batch(vocab: int, batch=2, seq=12):
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, seq - 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def _grads(model, batch, run=lambda m, b: m(**b).loss):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)  # the same dropout masks every call
-    run(model, batch).float().backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return tiny_decoder("gpt2-tiny", lora)
 
 
 def test_the_op_is_the_written_out_formula():
@@ -60,12 +37,12 @@ def test_every_gradient_is_gpt2s_with_padding(lora):
     model = _gpt2(lora)
     path = "base_model.model.transformer.h.0.mlp.act" if lora else "transformer.h.0.mlp.act"
     act = model.get_submodule(path)
-    batch = _padded_batch(model.config.vocab_size)
-    exact = _grads(model, batch)
+    batch = padded_batch(model.config.vocab_size)
+    exact = grads(model, batch)
     model = apply_savers(model, ["gelu-new"])
     assert saver_names(model) == ["gelu-new"] and len(describe_savers(model)["tanh_gelus"]) == 2
     assert isinstance(model.get_submodule(path), TanhGELU)
-    ours = _grads(model, batch)
+    ours = grads(model, batch)
     assert ours.keys() == exact.keys() and exact
     for name, grad in exact.items():
         torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -75,7 +52,7 @@ def test_every_gradient_is_gpt2s_with_padding(lora):
 @pytest.mark.parametrize("mode", ["compile", "checkpoint", "autocast"])
 def test_every_gradient_is_gpt2s_in_every_mode(mode):
     model = _gpt2()
-    batch = _padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size)
     if mode == "checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -85,9 +62,9 @@ def test_every_gradient_is_gpt2s_in_every_mode(mode):
 
     run = {"compile": lambda m, b: torch.compile(m, backend="aot_eager")(**b).loss,
            "checkpoint": lambda m, b: m(**b).loss, "autocast": autocast}[mode]
-    exact = _grads(model, batch, run)
+    exact = grads(model, batch, run)
     model = apply_savers(model, ["gelu-new"])
-    ours = _grads(model, batch, run)
+    ours = grads(model, batch, run)
     tolerance = dict(rtol=2e-2, atol=2e-3) if mode == "autocast" else dict(rtol=1e-5, atol=1e-6)
     for name, grad in exact.items():
         torch.testing.assert_close(ours[name], grad, **tolerance, msg=lambda m: f"{name}: {m}")
@@ -97,7 +74,7 @@ def test_every_gradient_is_gpt2s_in_every_mode(mode):
 def test_three_d_ff_tensors_less_per_token_and_layer():
     """By kind: the written-out GELU's x, tanh, 0.5·x and 1 + tanh (mlp) become x alone (gelu_inputs)."""
     model = _gpt2()
-    batch = _padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size)
     _, before = count_saved_bytes(lambda: model(**batch).loss, model, exclude=batch.values())
     model = apply_savers(model, ["gelu-new"])
     _, after = count_saved_bytes(lambda: model(**batch).loss, model, exclude=batch.values())
@@ -123,7 +100,7 @@ def test_gelu_bits_take_the_tanh_form_and_not_with_gelu_new():
     from randbp_cli.errors import ConfigError
 
     model = _gpt2()
-    batch = _padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size)
     torch.manual_seed(5)
     loss = model(**batch).loss
     model = apply_savers(model, ["gelu:2"])
@@ -136,3 +113,20 @@ def test_gelu_bits_take_the_tanh_form_and_not_with_gelu_new():
     assert stats.by_kind["gelu_codes"] == config.n_layer * math.ceil(2 * tokens * d_ff / 8)
     with pytest.raises(ConfigError, match="savers 'gelu-new' and 'gelu:2' would both replace transformer.h.0.mlp.act"):
         apply_savers(model, ["gelu-new", "gelu:2"])
+
+
+@pytest.mark.parametrize("mode", ["compile", "checkpoint"])
+def test_gelu_bits_on_the_tanh_form_in_every_mode(mode):
+    """gelu:2 on GPT-2's tanh GELU: compiled (aot_eager) and checkpointed, every gradient as eager's
+    with the same saver (its gradient is approximate, so eager gelu:2 is the reference)."""
+    model = apply_savers(_gpt2(), ["gelu:2"])
+    batch = padded_batch(model.config.vocab_size)
+    eager = grads(model, batch)
+    if mode == "checkpoint":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ours = grads(model, batch)
+    else:
+        ours = grads(model, batch, lambda m, b: torch.compile(m, backend="aot_eager")(**b).loss)
+        torch._dynamo.reset()
+    for name, grad in eager.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

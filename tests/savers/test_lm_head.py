@@ -5,13 +5,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from decoder_models import grads, padded_batch, tiny_decoder
 from randbp_cli import convert, converted_names, restore
 from randbp_cli.cli.main import app
-from randbp_cli.data.models import load_model
 from randbp_cli.core.sketches import get_sketch
 from randbp_cli.errors import ConfigError
 from randbp_cli.measure.memory import count_saved_bytes
-from randbp_cli.run.lora import apply_lora, lora_spec
 from randbp_cli.run.methods import Method, prepare_model
 from randbp_cli.savers.lm_head import (FusedLMHead, block_rows, linear_cross_entropy, reference_linear_cross_entropy,
                                        shift_targets)
@@ -19,34 +18,6 @@ from randbp_cli.savers.registry import apply_savers, describe_savers, restore_sa
 
 F32, I64 = 4, 8
 MODELS = ("llama-tiny", "gpt2-tiny")
-
-
-def _model(name: str, lora: int | None = None):
-    torch.manual_seed(0)
-    model = load_model(name, offline=True).model
-    if lora:
-        model = apply_lora(model, lora_spec(lora))
-        for param_name, param in model.named_parameters():  # PEFT starts lora_B at zero: give lora_A a gradient
-            if "lora_B" in param_name:
-                torch.nn.init.normal_(param, std=0.1)
-    return model.train()
-
-
-def _padded_batch(vocab: int, batch=2, seq=12):
-    """Right padding on the second row (labels -100 there), as the finetune collator makes."""
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, seq - 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def _grads(model, batch, run=lambda m, b: m(**b).loss):
-    """Every parameter's gradient after one backward (the same dropout masks every call: GPT-2 has dropout)."""
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)
-    run(model, batch).float().backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def _assert_same_grads(ours, exact, **tolerance):
@@ -139,12 +110,12 @@ def test_every_gradient_is_the_models_with_padding(name, lora):
     """Llama (untied head) and GPT-2 (head tied to the embedding), full fine-tuning and LoRA, a padded
     row: the loss and every parameter's gradient as without the saver; no logits in training, the
     logits as before without gradients (evaluation); restore puts back the very head."""
-    model = _model(name, lora)
+    model = tiny_decoder(name, lora)
     head = model.get_submodule("base_model.model.lm_head" if lora else "lm_head")
-    batch = _padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size)
     torch.manual_seed(5)
     loss = model(**batch).loss
-    exact = _grads(model, batch)
+    exact = grads(model, batch)
     with torch.no_grad():
         torch.manual_seed(5)
         logits = model(**batch).logits
@@ -154,7 +125,7 @@ def test_every_gradient_is_the_models_with_padding(name, lora):
     out = model(**batch)
     assert out.logits is None and "logits" not in out.keys()
     torch.testing.assert_close(out.loss, loss)
-    _assert_same_grads(_grads(model, batch), exact)
+    _assert_same_grads(grads(model, batch), exact)
     with torch.no_grad():
         torch.manual_seed(5)
         torch.testing.assert_close(model(**batch).logits, logits)
@@ -168,8 +139,8 @@ def test_every_gradient_is_the_models_with_padding(name, lora):
 def test_every_gradient_is_the_models_in_every_mode(name, lora, mode):
     """torch.compile (aot_eager; with the saver, one graph: no break), Hugging Face activation checkpointing and bf16
     autocast, each against the same mode without the saver."""
-    model = _model(name, lora)
-    batch = _padded_batch(model.config.vocab_size)
+    model = tiny_decoder(name, lora)
+    batch = padded_batch(model.config.vocab_size)
     if mode == "checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -184,9 +155,9 @@ def test_every_gradient_is_the_models_in_every_mode(name, lora, mode):
 
     run = {"compile": compiled,
            "checkpoint": lambda m, b: m(**b).loss, "autocast": autocast}[mode]
-    exact = _grads(model, batch, run)
+    exact = grads(model, batch, run)
     model = apply_savers(model, ["lm-head"])
-    ours = _grads(model, batch, run)
+    ours = grads(model, batch, run)
     _assert_same_grads(ours, exact, **(dict(rtol=2e-2, atol=2e-3) if mode == "autocast" else {}))
     torch._dynamo.reset()
 
@@ -194,8 +165,8 @@ def test_every_gradient_is_the_models_in_every_mode(name, lora, mode):
 def test_transformers_loss_arguments():
     """`num_items_in_batch` (gradient accumulation's denominator), `shift_labels` given ready-made, and
     labels passed by position: the model's own loss each time."""
-    model = _model("llama-tiny")
-    batch = _padded_batch(model.config.vocab_size)
+    model = tiny_decoder("llama-tiny")
+    batch = padded_batch(model.config.vocab_size)
     shifted = shift_targets(batch["labels"]).clone()
     shifted[0, :3] = -100
     calls = [dict(batch, num_items_in_batch=torch.tensor(9)), dict(batch, shift_labels=shifted)]
@@ -214,8 +185,8 @@ def test_the_logits_bytes_go(lora):
     """By kind: `logits` (float32 N × vocab, the labels and a scalar) goes; `lm_head_loss` keeps, for a
     frozen head, the hidden states' gradient (N × H), for a trained one the hidden states, a
     log-sum-exp per row, the targets and the scale (and the head's input leaves `linear_inputs`)."""
-    model = _model("llama-tiny", lora)
-    batch = _padded_batch(model.config.vocab_size)
+    model = tiny_decoder("llama-tiny", lora)
+    batch = padded_batch(model.config.vocab_size)
     _, before = count_saved_bytes(lambda: model(**batch).loss, model, exclude=batch.values())
     model = apply_savers(model, ["lm-head"])
     _, after = count_saved_bytes(lambda: model(**batch).loss, model, exclude=batch.values())
@@ -236,13 +207,13 @@ def test_with_convert_and_swiglu():
     """The CLI's order (savers, then convert): the head is no nn.Linear to convert, the rest is
     randomized; at ρ = 1 with balanced every gradient is still the exact model's. A head convert
     randomized first is refused in one line."""
-    model = _model("llama-tiny")
-    batch = _padded_batch(model.config.vocab_size)
-    exact = _grads(model, batch)
+    model = tiny_decoder("llama-tiny")
+    batch = padded_batch(model.config.vocab_size)
+    exact = grads(model, batch)
     model = prepare_model(model, Method.named("randomized", 1.0, get_sketch("balanced"), savers=("swiglu", "lm-head")))
     assert isinstance(model.lm_head, FusedLMHead) and "lm_head" not in converted_names(model)
     assert "model.layers.0.mlp.gate_proj" in converted_names(model)
-    _assert_same_grads(_grads(model, batch), exact)
+    _assert_same_grads(grads(model, batch), exact)
     model = convert(restore(model), 0.5)
     with pytest.raises(ConfigError, match="randomized by convert, or wrapped by PEFT"):
         apply_savers(model, ["lm-head"])
@@ -258,7 +229,7 @@ def test_a_model_without_a_causal_lm_head_is_refused_in_one_line():
 
 
 def test_a_custom_loss_is_refused():
-    model = _model("llama-tiny")
+    model = tiny_decoder("llama-tiny")
     model.loss_function = lambda logits, labels, **kwargs: F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     with pytest.raises(ConfigError, match="has a loss function of its own"):
         apply_savers(model, ["lm-head"])

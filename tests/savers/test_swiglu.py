@@ -5,11 +5,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from decoder_models import grads, padded_batch, tiny_decoder
 from randbp_cli import convert, converted_names, restore
 from randbp_cli.cli.main import app
-from randbp_cli.data.models import load_model
 from randbp_cli.measure.memory import count_saved_bytes
-from randbp_cli.run.lora import apply_lora, lora_spec
 from randbp_cli.savers.registry import apply_savers, describe_savers, restore_savers, saver_names
 from randbp_cli.savers.swiglu import SwiGLUFunction, SwiGLUMLP, swiglu
 
@@ -17,29 +16,7 @@ F32 = 4
 
 
 def _llama(lora: int | None = None):
-    torch.manual_seed(0)
-    model = load_model("llama-tiny", offline=True).model
-    if lora:
-        model = apply_lora(model, lora_spec(lora))
-        for name, param in model.named_parameters():  # PEFT starts lora_B at zero: give lora_A a gradient
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.1)
-    return model.train()
-
-
-def _padded_batch(vocab: int, batch=2, seq=12):
-    """Right padding on the second row (ignored by the loss: -100), as the finetune collator makes."""
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, seq - 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def _grads(model, batch, run=lambda m, b: m(**b).loss):
-    model.zero_grad(set_to_none=True)
-    run(model, batch).float().backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return tiny_decoder("llama-tiny", lora)
 
 
 def _autocast_loss(model, batch):
@@ -75,11 +52,11 @@ def test_every_gradient_is_the_mlps_with_padding(lora):
     """Full fine-tuning and LoRA, with a padded row (-100 labels): every parameter's gradient as
     without the saver, to fp32 rounding."""
     model = _llama(lora)
-    batch = _padded_batch(model.config.vocab_size)
-    exact = _grads(model, batch)
+    batch = padded_batch(model.config.vocab_size)
+    exact = grads(model, batch)
     model = apply_savers(model, ["swiglu"])
     assert saver_names(model) == ["swiglu"] and len(describe_savers(model)["swiglu_mlps"]) == 2
-    ours = _grads(model, batch)
+    ours = grads(model, batch)
     assert ours.keys() == exact.keys() and exact
     for name, grad in exact.items():
         torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -90,14 +67,14 @@ def test_every_gradient_is_the_mlps_in_every_mode(mode):
     """torch.compile (aot_eager), Hugging Face activation checkpointing and bf16 autocast, each
     against the same mode without the saver."""
     model = _llama(lora=4)
-    batch = _padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size)
     if mode == "checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run = {"compile": lambda m, b: torch.compile(m, backend="aot_eager")(**b).loss,
            "checkpoint": lambda m, b: m(**b).loss, "autocast": _autocast_loss}[mode]
-    exact = _grads(model, batch, run)
+    exact = grads(model, batch, run)
     model = apply_savers(model, ["swiglu"])
-    ours = _grads(model, batch, run)
+    ours = grads(model, batch, run)
     tolerance = dict(rtol=2e-2, atol=2e-3) if mode == "autocast" else dict(rtol=1e-5, atol=1e-6)
     for name, grad in exact.items():
         torch.testing.assert_close(ours[name], grad, **tolerance, msg=lambda m: f"{name}: {m}")
@@ -107,7 +84,7 @@ def test_every_gradient_is_the_mlps_in_every_mode(mode):
 def test_one_d_ff_tensor_less_per_token_and_layer():
     """By kind: SwiGLU's three d_ff tensors (mlp) become two (swiglu_inputs); nothing else moves."""
     model = _llama()
-    batch = _padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size)
     _, before = count_saved_bytes(lambda: model(**batch).loss, model, exclude=batch.values())
     model = apply_savers(model, ["swiglu"])
     _, after = count_saved_bytes(lambda: model(**batch).loss, model, exclude=batch.values())
@@ -132,7 +109,7 @@ def test_convert_and_the_saver_in_either_order_and_restore(saver_first):
         model = apply_savers(convert(model, 0.5), ["swiglu"])
     assert isinstance(model.model.layers[0].mlp, SwiGLUMLP)
     assert "model.layers.0.mlp.gate_proj" in converted_names(model)
-    batch = _padded_batch(model.config.vocab_size)
+    batch = padded_batch(model.config.vocab_size)
     model(**batch).loss.backward()  # runs: randomized projections inside the saver's MLP
     model = restore(model)
     assert model.model.layers[0].mlp is mlp and mlp.gate_proj is gate
